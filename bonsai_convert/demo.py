@@ -1,0 +1,159 @@
+"""The offline demo checkpoint: a tiny trained-looking FLUX.2 Klein pipeline in the full diffusers layout.
+
+Every low-bit linear holds exact binary (±s) or ternary (−s, 0, +s) values with one scale per 128 weights,
+stored in bf16 like the real release. All other weights are random but chosen to be exactly representable in
+both bf16 and fp16, so the fp16 bundle and the fp32 reference see identical numbers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .lowbit import GROUP_SIZE, is_low_bit_key
+
+DEMO_SOURCES = ("demo:binary", "demo:ternary")
+
+# The tiny configs of REFERENCE.md §1 (hidden 128, so every low-bit linear has in_features % 128 == 0).
+TRANSFORMER_CONFIG = dict(
+    patch_size=1,
+    in_channels=128,
+    num_layers=1,
+    num_single_layers=2,
+    attention_head_dim=64,
+    num_attention_heads=2,
+    joint_attention_dim=48,
+    timestep_guidance_channels=256,
+    mlp_ratio=3.0,
+    axes_dims_rope=(16, 16, 16, 16),
+    rope_theta=2000,
+    guidance_embeds=False,
+)
+TEXT_ENCODER_CONFIG = dict(
+    vocab_size=512,
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=8,
+    max_position_embeddings=1024,
+    tie_word_embeddings=True,
+)
+TEXT_ENCODER_OUT_LAYERS = (1, 2, 3)
+VAE_CONFIG = dict(block_out_channels=(8, 8, 8, 8), layers_per_block=1, latent_channels=32, norm_num_groups=4)
+SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    shift=3.0,
+    use_dynamic_shifting=True,
+    base_shift=0.5,
+    max_shift=1.15,
+    base_image_seq_len=256,
+    max_image_seq_len=4096,
+    time_shift_type="exponential",
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+# Minimal Qwen3 chat template; the pipeline calls it with enable_thinking=False.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n"
+    "{%- endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n"
+    "{%- if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{%- endif %}"
+    "{%- endif %}"
+)
+
+
+def demo_variant(source: str) -> str | None:
+    """'binary'/'ternary' for a `demo:...` source string, else None."""
+    if source in DEMO_SOURCES:
+        return source.split(":", 1)[1]
+    return None
+
+
+def _fp16_and_bf16_exact(values: np.ndarray) -> np.ndarray:
+    """Round to 7 mantissa bits and flush values below fp16's normal range, so bf16 and fp16 hold them exactly."""
+    mantissa, exponent = np.frexp(values.astype(np.float64))
+    rounded = np.ldexp(np.round(mantissa * 256) / 256, exponent)
+    rounded[np.abs(rounded) < 2.0**-14] = 0.0
+    return np.clip(rounded, -60000, 60000).astype(np.float32)
+
+
+def exact_low_bit_weight(shape: tuple[int, int], variant: str, rng: np.random.Generator) -> np.ndarray:
+    """Random codes × random group scales, exactly binary/ternary with scales exact in fp16 and bf16."""
+    out_features, in_features = shape
+    groups = in_features // GROUP_SIZE
+    scales = _fp16_and_bf16_exact(rng.uniform(0.01, 0.06, size=(out_features, groups)))
+    if variant == "binary":
+        codes = rng.choice(np.array([-1.0, 1.0], dtype=np.float32), size=shape)
+    else:
+        codes = rng.choice(np.array([-1.0, 0.0, 1.0], dtype=np.float32), size=shape)
+    return codes * np.repeat(scales, GROUP_SIZE, axis=1)
+
+
+def _build_tokenizer():
+    from tokenizers import pre_tokenizers
+    from transformers import Qwen2TokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS + alphabet)}
+    tokenizer = Qwen2TokenizerFast(vocab=vocab, merges=[], additional_special_tokens=SPECIAL_TOKENS[1:])
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.model_max_length = 512
+    return tokenizer
+
+
+def build_demo_pipeline(variant: str, seed: int = 0):
+    """The tiny Flux2KleinPipeline (torch, fp32 in memory) with exact low-bit weights."""
+    import torch
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinPipeline,
+        Flux2Transformer2DModel,
+    )
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    if variant not in ("binary", "ternary"):
+        raise ValueError(f"unknown variant {variant!r}")
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    transformer = Flux2Transformer2DModel(**TRANSFORMER_CONFIG)
+    text_encoder = Qwen3ForCausalLM(Qwen3Config(**TEXT_ENCODER_CONFIG))
+    vae = AutoencoderKLFlux2(**VAE_CONFIG)
+    with torch.no_grad():
+        for module in (text_encoder, vae):
+            for tensor in module.state_dict().values():
+                if tensor.is_floating_point():
+                    tensor.copy_(torch.from_numpy(_fp16_and_bf16_exact(tensor.numpy())))
+        # The random-init BatchNorm statistics are 0/1; give them plausible values.
+        vae.bn.running_mean.copy_(torch.from_numpy(_fp16_and_bf16_exact(rng.normal(0, 0.1, 128))))
+        vae.bn.running_var.copy_(torch.from_numpy(_fp16_and_bf16_exact(rng.uniform(0.5, 2.0, 128))))
+        for name, tensor in transformer.state_dict().items():
+            if is_low_bit_key(name):
+                values = exact_low_bit_weight(tuple(tensor.shape), variant, rng)
+            else:
+                values = _fp16_and_bf16_exact(tensor.numpy() * 4.0 if name.endswith("weight") else tensor.numpy())
+            tensor.copy_(torch.from_numpy(values))
+    return Flux2KleinPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=_build_tokenizer(),
+        transformer=transformer,
+        is_distilled=True,
+    )
+
+
+def write_demo(out: Path, variant: str, seed: int = 0) -> Path:
+    """Write the demo checkpoint in the full diffusers layout (bf16 weights) to `out`."""
+    import torch
+
+    pipeline = build_demo_pipeline(variant, seed)
+    for component in (pipeline.transformer, pipeline.text_encoder, pipeline.vae):
+        component.to(torch.bfloat16)
+    pipeline.save_pretrained(out, safe_serialization=True)
+    # Record what the demo is, and the pipeline settings the Bonsai release uses.
+    info = {"variant": variant, "seed": seed, "text_encoder_out_layers": list(TEXT_ENCODER_OUT_LAYERS)}
+    (out / "bonsai_demo.json").write_text(json.dumps(info, indent=2) + "\n")
+    return out

@@ -1,0 +1,145 @@
+"""Which transformer tensors go low-bit, and the exact split of their weights into codes and FP16 group scales.
+
+Pure numpy, no I/O. The exactness rule (formats/exactness.md): the source weight is cast to fp16 (overflow is
+an error); per group of 128 consecutive weights of a row, s_g = max |w|. The group is binary iff every |w| == s_g,
+ternary iff every |w| is s_g or 0. Codes are sign(w) (binary: the sign bit, so ±0 keep their sign) and s_g·code
+reproduces the fp16 weight bit for bit (ternary zeros decode as +0.0).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import InputError
+
+GROUP_SIZE = 128
+VARIANTS = ("binary", "ternary")
+FP16_MAX = float(np.finfo(np.float16).max)
+
+# A block linear: a 2-D `.weight` inside transformer_blocks.N or single_transformer_blocks.N that is not a norm.
+# This holds for any Flux2Transformer2DModel config (the rule is on names, not on widths or counts).
+_BLOCK_WEIGHT = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.\d+\.(?P<path>.+)\.weight$")
+
+
+def is_low_bit_key(name: str) -> bool:
+    """True for the block linears that the Bonsai release trains into binary/ternary weights."""
+    match = _BLOCK_WEIGHT.match(name)
+    if not match:
+        return False
+    return not any(part.startswith("norm") for part in match.group("path").split("."))
+
+
+@dataclass(frozen=True)
+class LowBitTensor:
+    """A low-bit linear: codes in {-1,+1} or {-1,0,+1} (int8, [out, in]) and fp16 scales [out, in/128]."""
+
+    name: str
+    codes: np.ndarray
+    scales: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)  # type: ignore[return-value]
+
+    def dense(self) -> np.ndarray:
+        """The fp16 weight the codes and scales stand for."""
+        return dense_from_codes(self.codes, self.scales)
+
+
+def dense_from_codes(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """fp16 weight = scale of the group × code (exact in fp16: codes are ±1 or 0)."""
+    out_features, in_features = codes.shape
+    grouped = codes.reshape(out_features, in_features // GROUP_SIZE, GROUP_SIZE).astype(np.float16)
+    return (grouped * scales[:, :, None].astype(np.float16)).reshape(out_features, in_features)
+
+
+def to_fp16(name: str, values: np.ndarray) -> np.ndarray:
+    """Cast to fp16, refusing NaN/Inf and values that overflow fp16."""
+    if values.dtype == np.float16:
+        result = values
+    else:
+        result = values.astype(np.float16)
+    if not np.isfinite(result).all():
+        source_finite = np.isfinite(values).all()
+        if not source_finite:
+            index = np.unravel_index(int(np.argmin(np.isfinite(values))), values.shape)
+            raise InputError(f"{name}: non-finite value {values[index]} at index {tuple(int(i) for i in index)}")
+        largest = float(np.abs(values.astype(np.float32)).max())
+        raise InputError(f"{name}: value {largest:g} overflows fp16 (max {FP16_MAX:g})")
+    return result
+
+
+def check_group_shape(name: str, shape: tuple[int, ...]) -> None:
+    """Low-bit linears must be 2-D with in_features divisible by the group size."""
+    if len(shape) != 2:
+        raise InputError(f"{name}: low-bit linear must be 2-D, got shape {list(shape)}")
+    if shape[1] % GROUP_SIZE:
+        raise InputError(
+            f"{name}: in_features {shape[1]} is not divisible by the group size {GROUP_SIZE} (shape {list(shape)})"
+        )
+
+
+def _first_bad_group(name: str, grouped: np.ndarray, bad: np.ndarray, variant: str) -> InputError:
+    row, group = (int(i) for i in np.argwhere(bad)[0])
+    values = np.unique(np.abs(grouped[row, group].astype(np.float32)))
+    shown = ", ".join(f"{v:g}" for v in values[:6]) + (", ..." if len(values) > 6 else "")
+    allowed = "±s" if variant == "binary" else "0 or ±s"
+    return InputError(
+        f"{name}: not {variant}: row {row}, group {group} (weights {group * GROUP_SIZE}..{(group + 1) * GROUP_SIZE - 1})"
+        f" has {len(values)} distinct magnitudes [{shown}], expected {allowed}"
+    )
+
+
+def needs_ternary(codes: np.ndarray) -> bool:
+    """True if any code is 0 (a binary tensor never has zero codes)."""
+    return bool((codes == 0).any())
+
+
+def split_exact(name: str, weight: np.ndarray, variant: str) -> LowBitTensor:
+    """Split an exactly binary/ternary weight into codes and fp16 scales, or raise naming the first bad group.
+
+    variant 'auto' accepts both and returns ternary codes (0 where the weight is ±0 in a group with s > 0);
+    `needs_ternary` then tells which variant the tensor is.
+    """
+    check_group_shape(name, weight.shape)
+    fp16 = to_fp16(name, weight)
+    out_features, in_features = fp16.shape
+    grouped = fp16.reshape(out_features, in_features // GROUP_SIZE, GROUP_SIZE)
+    magnitude = np.abs(grouped)
+    scales = magnitude.max(axis=-1)
+    at_scale = magnitude == scales[..., None]
+    if variant == "binary":
+        bad = ~at_scale.all(axis=-1)
+    else:
+        bad = ~(at_scale | (magnitude == 0)).all(axis=-1)
+    if bad.any():
+        raise _first_bad_group(name, grouped, bad, "binary" if variant == "binary" else "ternary")
+    negative = np.signbit(grouped)
+    if variant == "binary":
+        codes = np.where(negative, -1, 1).astype(np.int8)
+    else:
+        # A weight is zero-coded only when it is ±0 and the group's scale is not 0 (else ±s == ±0 keeps its sign).
+        zero = (magnitude == 0) & (scales[..., None] != 0)
+        codes = np.where(zero, 0, np.where(negative, -1, 1)).astype(np.int8)
+    return LowBitTensor(name, codes.reshape(out_features, in_features), scales)
+
+
+def quantize_absmean(name: str, weight: np.ndarray, variant: str) -> LowBitTensor:
+    """Lossy projection of full-precision weights (opt-in `--quantize absmean`), per group of 128.
+
+    ternary: BitNet b1.58 absmean, s = mean|w|, t = clip(round(w / s), -1, 1); binary: s = mean|w|, b = sign(w).
+    """
+    check_group_shape(name, weight.shape)
+    values = to_fp16(name, weight).astype(np.float32)
+    out_features, in_features = values.shape
+    grouped = values.reshape(out_features, in_features // GROUP_SIZE, GROUP_SIZE)
+    scales = np.abs(grouped).mean(axis=-1).astype(np.float16)
+    safe = np.where(scales == 0, np.float16(1), scales).astype(np.float32)[..., None]
+    if variant == "binary":
+        codes = np.where(np.signbit(grouped), -1, 1).astype(np.int8)
+    else:
+        codes = np.clip(np.round(grouped / safe), -1, 1).astype(np.int8)
+    return LowBitTensor(name, codes.reshape(out_features, in_features), scales)

@@ -1,0 +1,235 @@
+"""Validated, memory-mapped safetensors reading and streaming, deterministic safetensors writing.
+
+Written by hand on purpose: the `safetensors` package reads bf16 only into torch (not numpy), does not let us
+refuse a hostile header with our own one-line error before anything is mapped, and its writer needs every tensor
+in memory at once. Here the header is checked against the safetensors rules (REFERENCE.md §7) before any data is
+touched, tensors are memory-mapped one at a time, and files are written tensor by tensor with a header computed
+from shapes alone (so `plan` can predict file sizes byte for byte). Files stay readable by safetensors/mlx/torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+
+MAX_HEADER_BYTES = 100_000_000
+DTYPE_SIZES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+NUMPY_DTYPES = {
+    "BOOL": np.bool_, "U8": np.uint8, "I8": np.int8, "I16": np.int16, "U16": np.uint16, "F16": np.float16,
+    "I32": np.int32, "U32": np.uint32, "F32": np.float32, "I64": np.int64, "U64": np.uint64, "F64": np.float64,
+}  # fmt: skip
+DTYPE_OF_NUMPY = {np.dtype(v).str: k for k, v in NUMPY_DTYPES.items()}
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One header entry: dtype, shape and absolute byte range in the file."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and validate a safetensors header; nothing else of the file is read."""
+    try:
+        file_size = path.stat().st_size
+        with open(path, "rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise InputError(f"{path}: truncated safetensors file ({file_size} bytes, no header length)")
+            (header_length,) = struct.unpack("<Q", prefix)
+            if header_length > MAX_HEADER_BYTES:
+                raise InputError(f"{path}: safetensors header length {header_length} exceeds {MAX_HEADER_BYTES}")
+            if 8 + header_length > file_size:
+                raise InputError(f"{path}: safetensors header length {header_length} runs past the file end")
+            raw = handle.read(header_length)
+    except OSError as error:
+        raise InputError(f"{path}: cannot read: {error.strerror}") from error
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InputError(f"{path}: safetensors header is not valid UTF-8 JSON ({error})") from error
+    if not isinstance(header, dict):
+        raise InputError(f"{path}: safetensors header is not a JSON object")
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise InputError(f"{path}: safetensors __metadata__ must map strings to strings")
+    data_start = 8 + header_length
+    infos: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        infos[name] = _check_entry(path, name, entry, data_start)
+    expected = 0
+    for info in sorted(infos.values(), key=lambda i: (i.begin, i.end)):
+        if info.begin - data_start != expected:
+            problem = "overlaps the previous tensor" if info.begin - data_start < expected else "leaves a gap"
+            raise InputError(f"{path}: tensor {info.name}: data_offsets {problem}")
+        expected = info.end - data_start
+    if data_start + expected != file_size:
+        raise InputError(
+            f"{path}: file is {file_size} bytes but its header describes {data_start + expected} (truncated or padded)"
+        )
+    return infos, metadata
+
+
+def _check_entry(path: Path, name: str, entry: object, data_start: int) -> TensorInfo:
+    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+        raise InputError(f"{path}: tensor {name}: header entry must have exactly dtype, shape, data_offsets")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if dtype not in DTYPE_SIZES:
+        raise InputError(f"{path}: tensor {name}: unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise InputError(f"{path}: tensor {name}: shape must be a list of non-negative integers")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
+        or offsets[0] > offsets[1]
+    ):
+        raise InputError(f"{path}: tensor {name}: data_offsets must be two ordered non-negative integers")
+    numel = 1
+    for dim in shape:
+        numel *= dim
+    if numel * DTYPE_SIZES[dtype] != offsets[1] - offsets[0]:
+        raise InputError(
+            f"{path}: tensor {name}: shape {shape} of {dtype} needs {numel * DTYPE_SIZES[dtype]} bytes,"
+            f" data_offsets give {offsets[1] - offsets[0]}"
+        )
+    return TensorInfo(name, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
+
+
+class SafetensorsFile:
+    """A validated safetensors file whose tensors are memory-mapped on demand (never all at once)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.tensors, self.metadata = read_header(self.path)
+
+    def keys(self) -> list[str]:
+        return sorted(self.tensors)
+
+    def raw(self, name: str) -> np.ndarray:
+        """The tensor's stored values, memory-mapped (bf16 comes back as uint16 bit patterns)."""
+        info = self.tensors[name]
+        dtype = np.uint16 if info.dtype == "BF16" else NUMPY_DTYPES.get(info.dtype)
+        if dtype is None:
+            raise InputError(f"{self.path}: tensor {name}: dtype {info.dtype} is not supported here")
+        if info.nbytes == 0:
+            return np.zeros(info.shape, dtype=dtype)
+        return np.memmap(self.path, dtype=dtype, mode="r", offset=info.begin, shape=info.shape)
+
+    def load(self, name: str) -> np.ndarray:
+        """The tensor as numpy; bf16 is widened exactly to float32."""
+        values = self.raw(name)
+        if self.tensors[name].dtype == "BF16":
+            return bf16_bits_to_float32(values)
+        return np.asarray(values)
+
+
+def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
+    """bf16 is the upper half of a float32: widen exactly by shifting the bit pattern."""
+    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def float32_to_bf16_bits(values: np.ndarray) -> np.ndarray:
+    """Round-to-nearest-even float32 → bf16 bit patterns (uint16)."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    rounding = ((bits >> 16) & 1) + 0x7FFF
+    return ((bits + rounding) >> 16).astype(np.uint16)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What will be written: a name, a safetensors dtype and a shape."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        numel = 1
+        for dim in self.shape:
+            numel *= dim
+        return numel * DTYPE_SIZES[self.dtype]
+
+
+def build_header(specs: Iterable[TensorSpec], metadata: dict[str, str] | None = None) -> bytes:
+    """Deterministic header: tensors in name order, compact JSON, space-padded to 8 bytes (as safetensors does)."""
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = dict(sorted(metadata.items()))
+    offset = 0
+    for spec in sorted(specs, key=lambda s: s.name):
+        header[spec.name] = {"dtype": spec.dtype, "shape": list(spec.shape), "data_offsets": [offset, offset + spec.nbytes]}
+        offset += spec.nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)
+    return struct.pack("<Q", len(encoded)) + encoded
+
+
+def file_size(specs: Iterable[TensorSpec], metadata: dict[str, str] | None = None) -> int:
+    """The exact size of the safetensors file `SafetensorsWriter` writes for these specs."""
+    specs = list(specs)
+    return len(build_header(specs, metadata)) + sum(spec.nbytes for spec in specs)
+
+
+class SafetensorsWriter:
+    """Writes a safetensors file tensor by tensor; tensors must arrive in name order, matching their specs."""
+
+    def __init__(self, path: Path, specs: Iterable[TensorSpec], metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        self.specs = sorted(specs, key=lambda s: s.name)
+        self._next = 0
+        self._handle = open(self.path, "wb")
+        self._handle.write(build_header(self.specs, metadata))
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        spec = self.specs[self._next]
+        if spec.name != name:
+            raise RuntimeError(f"{self.path}: expected tensor {spec.name}, got {name}")
+        data = np.ascontiguousarray(array)
+        if tuple(data.shape) != spec.shape or data.nbytes != spec.nbytes:
+            raise RuntimeError(f"{self.path}: tensor {name}: shape {data.shape} does not match spec {spec.shape}")
+        if spec.dtype != "BF16" and DTYPE_OF_NUMPY.get(data.dtype.str) != spec.dtype:
+            raise RuntimeError(f"{self.path}: tensor {name}: dtype {data.dtype} does not match spec {spec.dtype}")
+        self._handle.write(data.tobytes() if data.dtype.byteorder == ">" else memoryview(data).cast("B"))
+        self._next += 1
+
+    def close(self) -> None:
+        if self._next != len(self.specs):
+            self._handle.close()
+            raise RuntimeError(f"{self.path}: {len(self.specs) - self._next} tensors were not written")
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+        self._handle.close()
+
+    def __enter__(self) -> SafetensorsWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._handle.close()
