@@ -137,6 +137,8 @@ class SafetensorsFile:
             raise InputError(f"{self.path}: tensor {name}: dtype {info.dtype} is not supported here")
         if info.nbytes == 0:
             return np.zeros(info.shape, dtype=dtype)
+        if info.shape == ():
+            return np.fromfile(self.path, dtype=dtype, count=1, offset=info.begin).reshape(())
         return np.memmap(self.path, dtype=dtype, mode="r", offset=info.begin, shape=info.shape)
 
     def load(self, name: str) -> np.ndarray:
@@ -196,31 +198,45 @@ def file_size(specs: Iterable[TensorSpec], metadata: dict[str, str] | None = Non
 
 
 class SafetensorsWriter:
-    """Writes a safetensors file tensor by tensor; tensors must arrive in name order, matching their specs."""
+    """Writes a safetensors file tensor by tensor, in any order: offsets come from the specs, fixed up front."""
 
     def __init__(self, path: Path, specs: Iterable[TensorSpec], metadata: dict[str, str] | None = None):
         self.path = Path(path)
-        self.specs = sorted(specs, key=lambda s: s.name)
-        self._next = 0
+        self.specs = {spec.name: spec for spec in specs}
+        header = build_header(self.specs.values(), metadata)
+        self._offsets: dict[str, int] = {}
+        offset = len(header)
+        for name in sorted(self.specs):
+            self._offsets[name] = offset
+            offset += self.specs[name].nbytes
+        self._size = offset
+        self._written: set[str] = set()
         self._handle = open(self.path, "wb")
-        self._handle.write(build_header(self.specs, metadata))
+        self._handle.write(header)
 
     def write(self, name: str, array: np.ndarray) -> None:
-        spec = self.specs[self._next]
-        if spec.name != name:
-            raise RuntimeError(f"{self.path}: expected tensor {spec.name}, got {name}")
-        data = np.ascontiguousarray(array)
+        spec = self.specs.get(name)
+        if spec is None or name in self._written:
+            raise RuntimeError(f"{self.path}: tensor {name} is not expected here (or written twice)")
+        data = np.asarray(array, order="C")
         if tuple(data.shape) != spec.shape or data.nbytes != spec.nbytes:
             raise RuntimeError(f"{self.path}: tensor {name}: shape {data.shape} does not match spec {spec.shape}")
         if spec.dtype != "BF16" and DTYPE_OF_NUMPY.get(data.dtype.str) != spec.dtype:
             raise RuntimeError(f"{self.path}: tensor {name}: dtype {data.dtype} does not match spec {spec.dtype}")
-        self._handle.write(data.tobytes() if data.dtype.byteorder == ">" else memoryview(data).cast("B"))
-        self._next += 1
+        self._handle.seek(self._offsets[name])
+        self._handle.write(memoryview(data.astype(data.dtype.newbyteorder("<"), copy=False)).cast("B"))
+        self._written.add(name)
+
+    @property
+    def complete(self) -> bool:
+        return len(self._written) == len(self.specs)
 
     def close(self) -> None:
-        if self._next != len(self.specs):
+        missing = sorted(set(self.specs) - self._written)
+        if missing:
             self._handle.close()
-            raise RuntimeError(f"{self.path}: {len(self.specs) - self._next} tensors were not written")
+            raise RuntimeError(f"{self.path}: {len(missing)} tensors were not written (first: {missing[0]})")
+        self._handle.truncate(self._size)
         self._handle.flush()
         os.fsync(self._handle.fileno())
         self._handle.close()

@@ -1,0 +1,138 @@
+"""The `bonsai-convert` command line (typer + rich). Errors: one line on stderr, exit code by class."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from .errors import BonsaiError, UsageError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Pack trained binary/ternary FLUX.2 Klein models into device bundles, verify, publish.")  # fmt: skip
+console = Console(stderr=True)
+state = {"debug": False}
+
+
+class PackProgress:
+    """Rich progress bar over tensors (stderr), silent when not a terminal."""
+
+    def __init__(self) -> None:
+        self._progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=console, transient=True,
+        )  # fmt: skip
+        self._task = None
+
+    def start(self, description: str, total: int) -> None:
+        self._progress.start()
+        self._task = self._progress.add_task(description, total=total)
+
+    def tick(self) -> None:
+        if self._task is not None:
+            self._progress.advance(self._task)
+
+    def message(self, text: str) -> None:
+        self._progress.console.print(f"[dim]{text}[/dim]")
+
+    def done(self) -> None:
+        self._progress.stop()
+
+
+@app.callback()
+def main_options(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors.")) -> None:
+    """--debug anywhere on the line shows tracebacks (handled in main)."""
+
+
+@app.command()
+def demo(
+    out: Path = typer.Argument(..., help="Folder to write the tiny demo checkpoint to."),
+    variant: str = typer.Option("ternary", help="binary or ternary"),
+    seed: int = typer.Option(0, help="Random seed."),
+    force: bool = typer.Option(False, help="Replace OUT if it exists."),
+) -> None:
+    """Write the offline demo checkpoint (tiny FLUX.2 Klein, diffusers layout, exact low-bit weights)."""
+    from .atomic import atomic_folder
+    from .demo import write_demo
+
+    if variant not in ("binary", "ternary"):
+        raise UsageError(f"--variant {variant}: choose binary or ternary")
+    with atomic_folder(out, force) as folder:
+        write_demo(folder, variant, seed)
+    console.print(f"wrote demo checkpoint ({variant}, seed {seed}) to {out}")
+
+
+@app.command()
+def pack(
+    source: str = typer.Argument(..., help="diffusers folder, packed bundle, BFL .safetensors, or demo:binary|ternary"),
+    target: str = typer.Option(..., "--target", "-t", help="packed, iphone, ipad, mac or cuda"),
+    out: Path = typer.Option(..., "--out", "-o", help="Bundle folder to create."),
+    variant: str = typer.Option("auto", help="auto (detect), binary or ternary"),
+    quantize: Optional[str] = typer.Option(None, help="absmean: lossy projection of full-precision weights"),
+    force: bool = typer.Option(False, help="Replace OUT if it exists; write even if it does not fit the device."),
+    golden: bool = typer.Option(True, "--golden/--no-golden", help="Store the reference output for verify."),
+    golden_size: Optional[int] = typer.Option(None, help="Golden image size (default 64 small / 256 full-size)."),
+) -> None:
+    """Pack SOURCE into a bundle for a target, with manifest and golden record."""
+    from .pack import PackOptions
+    from .pack import pack as run_pack
+
+    options = PackOptions(target=target, variant=variant, quantize=quantize, force=force, golden=golden,
+                          golden_size=golden_size)  # fmt: skip
+    manifest = run_pack(source, out, options, PackProgress())
+    console.print(
+        f"wrote {out}: {manifest['target']} {manifest['variant']}, {manifest['total_bytes']:,} bytes, "
+        f"{manifest['bits_per_weight']['low_bit_linears']:.4f} bpw low-bit linears"
+        + ("" if manifest["exact"] else " (LOSSY: --quantize)")
+    )
+
+
+@app.command()
+def inspect(
+    bundle: Path = typer.Argument(..., help="Bundle folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Show a bundle's sizes, bits per weight and reductions vs FP16."""
+    from .inspect import inspect_bundle, print_table
+
+    report = inspect_bundle(bundle)
+    if as_json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+    else:
+        print_table(report, Console())
+
+
+def main() -> None:
+    """Console-script entry: run the app, turning expected errors into one line and an exit code."""
+    debug = "--debug" in sys.argv[1:]
+    args = [arg for arg in sys.argv[1:] if arg != "--debug"]
+    state["debug"] = debug
+    try:
+        app(args=args, standalone_mode=False)
+    except BonsaiError as error:
+        if debug:
+            raise
+        console.print(f"error: {error}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(error.exit_code)
+    except KeyboardInterrupt:
+        console.print("error: interrupted (no partial output was left)", markup=False)
+        sys.exit(130)
+    except Exception as error:  # noqa: BLE001 - usage errors of click and anything unexpected
+        kind = type(error).__name__
+        if kind == "Exit":
+            sys.exit(getattr(error, "exit_code", 0))
+        if kind == "Abort":
+            console.print("error: aborted", markup=False)
+            sys.exit(130)
+        if hasattr(error, "format_message"):  # a click usage error: bad option, missing argument
+            console.print(f"error: {error.format_message()}", markup=False, soft_wrap=True)
+            sys.exit(UsageError.exit_code)
+        if debug:
+            raise
+        console.print(f"error: internal error: {kind}: {error} (rerun with --debug)", markup=False, soft_wrap=True)
+        sys.exit(1)

@@ -1,0 +1,1 @@
+"""One pure-numpy codec per on-disk format (no I/O); each matches a spec in formats/."""

@@ -1,0 +1,253 @@
+"""The Gemlite (GemLiteLinearTriton, gemlite 0.6.0.post2) tensors of a low-bit linear, byte for byte.
+
+Pure numpy, no I/O, no torch. `encode` gives exactly what `GemLiteLinearTriton.state_dict()` holds after
+`.pack(W_q uint8, scales, zeros, bias=None, fma_mode=True, packing_bitwidth=32)` for an fp16 layer with group
+size 128 (formats/gemlite.md). `decode`/`dequantize` read such a state back; they follow the spec, not the encoder.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import InputError
+
+GROUP_SIZE = 128
+PACKING_BITWIDTH = 32
+VARIANT_BITS = {"binary": 1, "ternary": 2}
+STATE_KEYS = ("W_q", "scales", "zeros", "metadata", "orig_shape", "meta_scale")
+FP16_MAX = float(np.finfo(np.float16).max)
+
+# gemlite.dtypes.DType values used in `metadata`.
+DTYPE_FP32 = 0
+DTYPE_FP16 = 1
+# metadata field order (GemLiteLinearTriton.get_meta_args).
+METADATA_FIELDS = (
+    "scaled_activations",
+    "W_nbits",
+    "group_size",
+    "unpack_mask",
+    "elements_per_sample",
+    "input_dtype",
+    "output_dtype",
+    "acc_dtype",
+    "meta_dtype",
+    "channel_scale_mode",
+    "W_group_mode",
+    "data_contiguous",
+)
+
+
+def _metadata(nbits: int, group_size: int, channel_scale_mode: int, group_mode: int) -> np.ndarray:
+    """metadata int32[12] of an fp16-in/fp16-out layer with fp16 scales and fp32 accumulation."""
+    return np.array(
+        [0, nbits, group_size, 2**nbits - 1, PACKING_BITWIDTH // nbits, DTYPE_FP16, DTYPE_FP16, DTYPE_FP32,
+         DTYPE_FP16, channel_scale_mode, group_mode, 1],
+        dtype=np.int32,
+    )  # fmt: skip
+
+
+def pack_words(q: np.ndarray, nbits: int) -> np.ndarray:
+    """uint8 q [N, K] → int32 words [K/e, N], e = 32/nbits: q[n, k] at bits (k % e)·nbits of word [k // e, n]."""
+    out_features, in_features = q.shape
+    per_word = PACKING_BITWIDTH // nbits
+    words = np.zeros((out_features, in_features // per_word), dtype=np.uint32)
+    for slot in range(per_word):  # one vectorized pass per bit position in the word (≤ 32), not per group
+        words |= q[:, slot::per_word].astype(np.uint32) << np.uint32(slot * nbits)
+    return np.ascontiguousarray(words.T).view(np.int32)
+
+
+def encode_affine(
+    q: np.ndarray, scales: np.ndarray, zeros: np.ndarray | int, nbits: int, group_size: int = GROUP_SIZE
+) -> dict[str, np.ndarray]:
+    """GemLiteLinearTriton state after pack(q, scales, zeros) with fp16 scales: W ≈ (q − zeros)·scales per group.
+
+    q uint8 [N, K] < 2**nbits; scales fp16 [N, K/group_size]; zeros an fp16 array shaped like scales (stored
+    fma-style as −zeros·scales, W_group_mode 4) or a Python int (stored as an int32 scalar, W_group_mode 3).
+    When K == group_size gemlite treats the scales as per-channel: W_group_mode 1, channel_scale_mode 1 and
+    zeros stored as given.
+    """
+    if nbits not in (1, 2, 4, 8):
+        raise ValueError(f"gemlite packs 1, 2, 4 or 8-bit weights, not {nbits}")
+    if q.ndim != 2 or q.dtype != np.uint8:
+        raise ValueError(f"q must be a 2-D uint8 array, got {q.dtype} {list(q.shape)}")
+    out_features, in_features = q.shape
+    if group_size < 16 or in_features % 32 or in_features % group_size:
+        raise ValueError(f"in_features {in_features} must be divisible by 32 and the group size {group_size} (≥ 16)")
+    groups = in_features // group_size
+    if scales.dtype != np.float16 or scales.shape != (out_features, groups):
+        raise ValueError(f"scales must be fp16 [{out_features}, {groups}], got {scales.dtype} {list(scales.shape)}")
+    if q.size and int(q.max()) >= 2**nbits:
+        raise ValueError(f"q holds {int(q.max())}, which does not fit in {nbits} bits")
+    channelwise = groups == 1  # gemlite: scales.numel() == out_features
+    if isinstance(zeros, (int, np.integer)):
+        stored_zeros = np.array(int(zeros), dtype=np.int32)
+        group_mode = 3
+    else:
+        if zeros.dtype != np.float16 or zeros.shape != scales.shape:
+            raise ValueError(f"zeros must be fp16 shaped like scales, got {zeros.dtype} {list(zeros.shape)}")
+        if channelwise:
+            stored_zeros = np.ascontiguousarray(zeros.T)
+            group_mode = 3
+        else:  # fma_mode: W = q·scales + (−zeros·scales), the product rounded once from fp32 to fp16
+            stored = (-zeros.astype(np.float32) * scales.astype(np.float32)).astype(np.float16)
+            stored_zeros = np.ascontiguousarray(stored.T)
+            group_mode = 4
+    channel_scale_mode = 0
+    if channelwise:
+        channel_scale_mode, group_mode = 1, 1
+    return {
+        "W_q": pack_words(q, nbits),
+        "scales": np.ascontiguousarray(scales.T),
+        "zeros": stored_zeros,
+        "metadata": _metadata(nbits, group_size, channel_scale_mode, group_mode),
+        "orig_shape": np.array([out_features, in_features], dtype=np.int32),
+        "meta_scale": np.array(0.0, dtype=np.float32),
+    }
+
+
+def encode(codes: np.ndarray, scales: np.ndarray, variant: str) -> dict[str, np.ndarray]:
+    """Exact binary (A16W1) / ternary (A16W2) gemlite state of codes int8 [N, K] and fp16 scales [N, K/128].
+
+    binary: q = (b+1)/2, scales 2s, zeros 0.5 (W = q·2s − s); ternary: q = t+1, scales s, zeros int 1.
+    """
+    if variant not in VARIANT_BITS:
+        raise ValueError(f"unknown variant {variant!r}")
+    if codes.ndim != 2 or codes.dtype != np.int8 or codes.shape[1] % GROUP_SIZE:
+        raise ValueError(f"codes must be int8 [N, K] with K % {GROUP_SIZE} == 0, got {codes.dtype} {list(codes.shape)}")
+    if variant == "binary":
+        if not np.isin(codes, (-1, 1)).all():
+            raise ValueError("binary codes must be -1 or +1")
+        doubled = scales.astype(np.float32) * 2
+        if not np.isfinite(doubled.astype(np.float16)).all():
+            worst = float(np.abs(scales.astype(np.float32)).max())
+            raise InputError(f"binary scale {worst:g} cannot be stored as 2·s in fp16 (|s| must be ≤ {FP16_MAX / 2:g})")
+        q = (codes > 0).astype(np.uint8)
+        return encode_affine(q, doubled.astype(np.float16), np.full(scales.shape, 0.5, np.float16), 1)
+    if not np.isin(codes, (-1, 0, 1)).all():
+        raise ValueError("ternary codes must be -1, 0 or +1")
+    return encode_affine((codes + 1).astype(np.uint8), scales, 1, 2)
+
+
+def tensor_specs(name_prefix: str, out_features: int, in_features: int, variant: str) -> list[tuple[str, str, tuple]]:
+    """(name, safetensors dtype, shape) of every tensor `encode` gives, named `<name_prefix>.<key>`."""
+    nbits = VARIANT_BITS[variant]
+    groups = in_features // GROUP_SIZE
+    shapes = {
+        "W_q": ("I32", (in_features * nbits // PACKING_BITWIDTH, out_features)),
+        "scales": ("F16", (groups, out_features)),
+        "zeros": ("F16", (groups, out_features)) if variant == "binary" else ("I32", ()),
+        "metadata": ("I32", (len(METADATA_FIELDS),)),
+        "orig_shape": ("I32", (2,)),
+        "meta_scale": ("F32", ()),
+    }
+    prefix = name_prefix.rstrip(".")
+    return [(f"{prefix}.{key}", *shapes[key]) for key in STATE_KEYS]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Decoding, from formats/gemlite.md.
+
+
+def _fail(message: str) -> InputError:
+    return InputError(f"gemlite layer: {message}")
+
+
+def _checked(state: dict[str, np.ndarray], key: str, dtype: type, shape: tuple) -> np.ndarray:
+    if key not in state:
+        raise _fail(f"missing tensor {key}")
+    value = np.asarray(state[key])
+    if value.dtype != np.dtype(dtype) or value.shape != shape:
+        raise _fail(f"{key} is {value.dtype} {list(value.shape)}, expected {np.dtype(dtype)} {list(shape)}")
+    return value
+
+
+def read_metadata(state: dict[str, np.ndarray]) -> dict[str, int]:
+    """The 12 metadata fields by name, plus out_features/in_features from orig_shape."""
+    metadata = _checked(state, "metadata", np.int32, (len(METADATA_FIELDS),))
+    orig_shape = _checked(state, "orig_shape", np.int32, (2,))
+    fields = {name: int(v) for name, v in zip(METADATA_FIELDS, metadata)}
+    fields["out_features"], fields["in_features"] = (int(v) for v in orig_shape)
+    return fields
+
+
+def unpack_words(words: np.ndarray, nbits: int, in_features: int) -> np.ndarray:
+    """int32 words [K/e, N] → uint8 q [N, K]: q[n, k] = (words[k // e, n] >> ((k % e)·nbits)) & (2**nbits − 1)."""
+    per_word = PACKING_BITWIDTH // nbits
+    shifts = np.arange(per_word, dtype=np.uint32) * np.uint32(nbits)
+    fields = (words.view(np.uint32)[:, None, :] >> shifts[None, :, None]) & np.uint32(2**nbits - 1)
+    return np.ascontiguousarray(fields.reshape(in_features, words.shape[1]).T).astype(np.uint8)
+
+
+def _layer(state: dict[str, np.ndarray]) -> tuple[dict[str, int], np.ndarray, np.ndarray, np.ndarray]:
+    """Validated metadata, q [N, K], scales [K/g, N] and zeros of a grouped fp16 gemlite layer."""
+    meta = read_metadata(state)
+    nbits, group_size = meta["W_nbits"], meta["group_size"]
+    n, k = meta["out_features"], meta["in_features"]
+    if nbits not in (1, 2, 4, 8) or group_size < 16 or n <= 0 or k <= 0 or k % 32 or k % group_size:
+        raise _fail(f"unsupported W_nbits {nbits} / group_size {group_size} / shape [{n}, {k}]")
+    expected = {
+        "scaled_activations": 0, "unpack_mask": 2**nbits - 1, "elements_per_sample": PACKING_BITWIDTH // nbits,
+        "input_dtype": DTYPE_FP16, "output_dtype": DTYPE_FP16, "meta_dtype": DTYPE_FP16, "data_contiguous": 1,
+    }  # fmt: skip
+    for name, value in expected.items():
+        if meta[name] != value:
+            raise _fail(f"metadata {name} is {meta[name]}, expected {value}")
+    if (meta["channel_scale_mode"], meta["W_group_mode"]) not in ((0, 2), (0, 3), (0, 4), (1, 1)):
+        raise _fail(f"unsupported channel_scale_mode {meta['channel_scale_mode']} / W_group_mode {meta['W_group_mode']}")
+    if (meta["channel_scale_mode"] == 1) != (k == group_size):
+        raise _fail("channel_scale_mode 1 is used exactly when in_features == group_size")
+    words = _checked(state, "W_q", np.int32, (k * nbits // PACKING_BITWIDTH, n))
+    scales = _checked(state, "scales", np.float16, (k // group_size, n))
+    _checked(state, "meta_scale", np.float32, ())
+    zeros = np.asarray(state.get("zeros", np.zeros(0)))
+    if meta["W_group_mode"] != 2 and not (
+        (zeros.dtype == np.int32 and zeros.shape == ())
+        or (zeros.dtype == np.float16 and zeros.shape == (k // group_size, n))
+    ):
+        raise _fail(f"zeros is {zeros.dtype} {list(zeros.shape)}, expected an int32 scalar or fp16 like scales")
+    return meta, unpack_words(words, nbits, k), scales, zeros
+
+
+def dequantize(state: dict[str, np.ndarray]) -> np.ndarray:
+    """The fp16 weight [N, K] a gemlite fp16 layer stands for (modes of formats/gemlite.md, one fp16 rounding)."""
+    meta, q, scales, zeros = _layer(state)
+    group_size, mode = meta["group_size"], meta["W_group_mode"]
+    s = np.repeat(scales.T.astype(np.float64), group_size, axis=1)
+    z = zeros.astype(np.float64)
+    z = z if z.ndim == 0 else np.repeat(z.T, group_size, axis=1)
+    values = q.astype(np.float64)
+    if mode == 4:
+        weight = values * s + z  # exact in float64 for fp16 operands, then one rounding: equals an fp16 FMA
+    elif mode == 2:
+        weight = values * s
+    else:  # 3: (q − z)·s; 1 (with channel_scale_mode 1): (q − z), the per-channel scale applied to the output
+        weight = (values - z) * s
+    return weight.astype(np.float16)
+
+
+def decode(state: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(codes int8 [N, K], fp16 scales [N, K/128]) of an exact binary (1-bit) or ternary (2-bit) gemlite layer."""
+    meta, q, stored_scales, zeros = _layer(state)
+    nbits, mode = meta["W_nbits"], meta["W_group_mode"]
+    if meta["group_size"] != GROUP_SIZE or nbits not in (1, 2):
+        raise _fail(f"not a Bonsai layer (W_nbits {nbits}, group_size {meta['group_size']})")
+    if nbits == 2:
+        if mode == 2 or zeros.dtype != np.int32 or int(zeros) != 1:
+            raise _fail("ternary layers have the integer zero point 1")
+        if (q == 3).any():
+            row, col = (int(i) for i in np.argwhere(q == 3)[0])
+            raise _fail(f"ternary code 3 (value +2) at row {row}, column {col}")
+        return (q.astype(np.int8) - 1), np.ascontiguousarray(stored_scales.T)
+    # binary: W = q·2s − s (mode 4, zeros hold −s) or (q − 0.5)·2s (mode 1, zeros hold 0.5).
+    if zeros.dtype != np.float16 or mode == 2:
+        raise _fail("binary layers have fp16 zeros")
+    if mode == 4:
+        scales = -zeros
+    else:
+        if not (zeros == np.float16(0.5)).all():
+            raise _fail("binary per-channel layers have the zero point 0.5")
+        scales = (stored_scales.astype(np.float32) / 2).astype(np.float16)
+    doubled = (scales.astype(np.float32) * 2).astype(np.float16)
+    if not np.array_equal(doubled.view(np.uint16), stored_scales.view(np.uint16)):
+        raise _fail("binary scales are not 2·s for the stored zero points (not an exact binary layer)")
+    return (q.astype(np.int8) * 2 - 1), np.ascontiguousarray(scales.T)

@@ -1,0 +1,60 @@
+"""MLX affine quantized layers at 1 and 2 bits (formats/mlx.md), pure numpy.
+
+`mlx.nn.QuantizedLinear` computes w = scale·q + bias per group of 128 with q packed LSB-first into uint32 words
+along the row. Binary is exact as 1-bit (q = (b+1)/2, scale = 2s, bias = −s); ternary as 2-bit (q = t+1, scale = s,
+bias = −s; code 3 unused). `mx.quantize` is not used: on exactly-ternary weights it is lossy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import InputError
+from ..lowbit import GROUP_SIZE
+
+BITS = {"binary": 1, "ternary": 2}
+_HALF_FP16_MAX = np.float16(32752.0)  # 2·s must stay finite in fp16
+
+
+def encode(name: str, codes: np.ndarray, scales: np.ndarray, variant: str) -> tuple[np.ndarray, ...]:
+    """int8 codes [out, in] + fp16 scales [out, in/128] → (weight uint32 [out, in·bits/32], scales, biases)."""
+    bits = BITS[variant]
+    out_features, in_features = codes.shape
+    if variant == "binary":
+        if (np.abs(scales) > _HALF_FP16_MAX).any():
+            raise InputError(f"{name}: a binary scale above 32752 cannot be stored as an MLX 1-bit scale 2s in fp16")
+        q = (codes > 0).astype(np.uint8)
+        words = np.packbits(q, axis=1, bitorder="little").view("<u4")
+        mlx_scales = (scales.astype(np.float16) * np.float16(2)).astype(np.float16)
+    else:
+        q = (codes + 1).astype(np.uint32).reshape(out_features, in_features // 16, 16)
+        words = np.bitwise_or.reduce(q << (2 * np.arange(16, dtype=np.uint32)), axis=2).astype("<u4")
+        mlx_scales = scales.astype(np.float16)
+    biases = (-scales.astype(np.float16)).astype(np.float16)
+    return words.reshape(out_features, in_features * bits // 32).astype(np.uint32), mlx_scales, biases
+
+
+def unpack(weight: np.ndarray, in_features: int, bits: int) -> np.ndarray:
+    """uint32 words [out, in·bits/32] → q uint8 [out, in] (LSB-first)."""
+    words = np.ascontiguousarray(weight, dtype="<u4")
+    shifts = np.arange(32 // bits, dtype=np.uint32) * bits
+    q = (words[:, :, None] >> shifts) & ((1 << bits) - 1)
+    return q.reshape(words.shape[0], -1)[:, :in_features].astype(np.uint8)
+
+
+def decode(weight: np.ndarray, scales: np.ndarray, biases: np.ndarray, variant: str) -> tuple[np.ndarray, np.ndarray]:
+    """Back to (int8 codes, fp16 group scales s); raises ValueError if scales/biases are not of our exact form."""
+    bits = BITS[variant]
+    in_features = scales.shape[1] * GROUP_SIZE
+    q = unpack(weight, in_features, bits)
+    s = (-biases.astype(np.float16)).astype(np.float16)
+    expected_scales = (s * np.float16(2)).astype(np.float16) if variant == "binary" else s
+    if not np.array_equal(expected_scales.view(np.uint16), scales.astype(np.float16).view(np.uint16)):
+        raise ValueError("scales and biases are not of the exact binary/ternary form")
+    if variant == "binary":
+        codes = q.astype(np.int8) * 2 - 1
+    else:
+        if (q == 3).any():
+            raise ValueError("2-bit code 3 is unused in ternary bundles")
+        codes = q.astype(np.int8) - 1
+    return codes.astype(np.int8), s

@@ -1,0 +1,63 @@
+"""The golden record stored in every bundle: prompt, seed, noise, and the reference output on the source weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .layout import json_bytes
+from .safetensors_io import SafetensorsWriter, TensorSpec
+from .source import Source
+
+SMALL_MODEL_PARAMETERS = 100_000_000
+GOLDEN_DIR = "golden"
+
+
+def golden_settings(source: Source, size: int | None) -> tuple[int, str]:
+    """Size and dtype: fp32 at 64² for small models; half precision at 256² for full-size (fits a laptop)."""
+    parameters = sum(int(np.prod(t.shape)) for t in source.tensors)
+    if parameters < SMALL_MODEL_PARAMETERS:
+        return size or 64, "float32"
+    return size or 256, "bfloat16"
+
+
+def write_tensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
+    dtypes = {np.dtype(np.float32): "F32", np.dtype(np.uint8): "U8"}
+    specs = [TensorSpec(name, dtypes[array.dtype], tuple(array.shape)) for name, array in tensors.items()]
+    with SafetensorsWriter(path, specs, {"format": "pt"}) as writer:
+        for name, array in tensors.items():
+            writer.write(name, array)
+
+
+def write_golden(root: Path, source: Source, options) -> str:
+    """Run the reference pipeline with shared numpy noise and store the record; return golden.json's path."""
+    import torch
+    from bonsai_common.noise import initial_noise
+
+    from .reference import reference_pipeline, run_reference
+
+    size, dtype_name = golden_settings(source, options.golden_size)
+    noise = initial_noise(options.golden_seed, size, size)
+    pipeline = reference_pipeline(source, getattr(torch, dtype_name))
+    output = run_reference(pipeline, options.golden_prompt, noise, 4, source.text_encoder_out_layers)
+    del pipeline
+    folder = root / GOLDEN_DIR
+    folder.mkdir()
+    write_tensors(folder / "noise.safetensors", {"noise": noise})
+    write_tensors(folder / "reference.safetensors", {"image": output.image, "latents": output.latents})
+    record = {
+        "prompt": options.golden_prompt,
+        "seed": options.golden_seed,
+        "steps": 4,
+        "width": size,
+        "height": size,
+        "guidance_scale": 1.0,
+        "compute_dtype": dtype_name,
+        "text_encoder_out_layers": list(source.text_encoder_out_layers),
+        "reference": "diffusers Flux2KleinPipeline on the source weights",
+        "noise": f"{GOLDEN_DIR}/noise.safetensors",
+        "outputs": f"{GOLDEN_DIR}/reference.safetensors",
+    }
+    (folder / "golden.json").write_bytes(json_bytes(record))
+    return f"{GOLDEN_DIR}/golden.json"

@@ -1,0 +1,64 @@
+"""What a target writes, derived from shapes alone, so `plan` and `pack` share one layout (byte for byte)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..lowbit import LowBitTensor, to_fp16
+from ..safetensors_io import FLOAT_DTYPES, TensorSpec
+
+# Manifest parts of the transformer: low-bit codes, their scales, MLX biases / Gemlite zeros and metadata, and
+# the tensors kept in fp16.
+PARTS = ("low_bit_codes", "scales", "biases", "zeros", "metadata", "fp16_tensors")
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One output tensor: its spec, the manifest part it counts toward, and the source tensor it comes from."""
+
+    spec: TensorSpec
+    part: str
+    source: str
+
+
+def dense_output(name: str, shape: tuple[int, ...], dtype: str) -> Planned:
+    """A tensor kept dense: floats become F16, integer buffers keep their dtype."""
+    out_dtype = "F16" if dtype in FLOAT_DTYPES else dtype
+    return Planned(TensorSpec(name, out_dtype, tuple(shape)), "fp16_tensors", name)
+
+
+def encode_dense(name: str, values: np.ndarray) -> np.ndarray:
+    """Floats to fp16 with the overflow check; integers unchanged."""
+    if np.issubdtype(values.dtype, np.floating):
+        return to_fp16(name, values)
+    return np.asarray(values)
+
+
+class Target:
+    """A device format. Subclasses define the low-bit layout; everything else is fp16 under diffusers names."""
+
+    name: str = ""
+    safetensors_format: str = "pt"
+    quantizes_text_encoder: bool = False
+
+    def low_bit_outputs(self, name: str, shape: tuple[int, int], variant: str) -> list[Planned]:
+        raise NotImplementedError
+
+    def encode_low_bit(self, tensor: LowBitTensor, variant: str) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def transformer_config(self, config: dict, variant: str, low_bit_names: list[str]) -> dict:
+        """The transformer config.json written into the bundle."""
+        return dict(config)
+
+    # Text encoder: kept dense (fp16) unless the target quantizes it.
+    def text_encoder_outputs(self, name: str, shape: tuple[int, ...], dtype: str) -> list[Planned]:
+        return [dense_output(name, shape, dtype)]
+
+    def encode_text_encoder(self, name: str, values: np.ndarray) -> dict[str, np.ndarray]:
+        return {name: encode_dense(name, values)}
+
+    def text_encoder_config(self, config: dict) -> dict:
+        return dict(config)
