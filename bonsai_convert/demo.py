@@ -25,7 +25,7 @@ TRANSFORMER_CONFIG = dict(
     num_single_layers=2,
     attention_head_dim=64,
     num_attention_heads=10,
-    joint_attention_dim=48,
+    joint_attention_dim=192,
     timestep_guidance_channels=256,
     mlp_ratio=3.0,
     axes_dims_rope=(16, 16, 16, 16),
@@ -34,16 +34,16 @@ TRANSFORMER_CONFIG = dict(
 )
 TEXT_ENCODER_CONFIG = dict(
     vocab_size=512,
-    hidden_size=16,
-    intermediate_size=32,
+    hidden_size=64,
+    intermediate_size=128,
     num_hidden_layers=3,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    head_dim=8,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
     max_position_embeddings=1024,
     tie_word_embeddings=True,
 )
-TEXT_ENCODER_OUT_LAYERS = (1, 2, 3)
+TEXT_ENCODER_OUT_LAYERS = (1, 2, 3)  # joint_attention_dim = 3 layers × hidden 64 (so 4-bit group 64 applies)
 VAE_CONFIG = dict(block_out_channels=(8, 8, 8, 8), layers_per_block=1, latent_channels=32, norm_num_groups=4)
 SCHEDULER_CONFIG = dict(
     num_train_timesteps=1000,

@@ -30,7 +30,23 @@ def write_tensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
             writer.write(name, array)
 
 
-def write_golden(root: Path, source: Source, options) -> str:
+def use_shipped_text_encoder(pipeline, target) -> None:
+    """Give the reference the text-encoder weights as the bundle ships them (4-bit targets: dequantized).
+
+    The transformer is exact; the text encoder's 4-bit step is a declared lossy part of some targets, so the golden
+    image checks the runtime against the reference on the same weights.
+    """
+    import torch
+
+    with torch.no_grad():
+        for name, parameter in pipeline.text_encoder.named_parameters():
+            if name == "lm_head.weight" and pipeline.text_encoder.config.tie_word_embeddings:
+                continue
+            shipped = target.text_encoder_as_shipped(name, parameter.detach().float().numpy())
+            parameter.copy_(torch.from_numpy(np.asarray(shipped, dtype=np.float32)))
+
+
+def write_golden(root: Path, source: Source, options, target) -> str:
     """Run the reference pipeline with shared numpy noise and store the record; return golden.json's path."""
     import torch
     from bonsai_common.noise import initial_noise
@@ -40,6 +56,7 @@ def write_golden(root: Path, source: Source, options) -> str:
     size, dtype_name = golden_settings(source, options.golden_size)
     noise = initial_noise(options.golden_seed, size, size)
     pipeline = reference_pipeline(source, getattr(torch, dtype_name))
+    use_shipped_text_encoder(pipeline, target)
     output = run_reference(pipeline, options.golden_prompt, noise, 4, source.text_encoder_out_layers)
     del pipeline
     folder = root / GOLDEN_DIR
@@ -56,6 +73,7 @@ def write_golden(root: Path, source: Source, options) -> str:
         "compute_dtype": dtype_name,
         "text_encoder_out_layers": list(source.text_encoder_out_layers),
         "reference": "diffusers Flux2KleinPipeline on the source weights",
+        "text_encoder": "as shipped" + (" (4-bit, dequantized)" if target.quantizes_text_encoder else " (fp16)"),
         "noise": f"{GOLDEN_DIR}/noise.safetensors",
         "outputs": f"{GOLDEN_DIR}/reference.safetensors",
     }

@@ -61,7 +61,8 @@ def to_fp16(name: str, values: np.ndarray) -> np.ndarray:
     if values.dtype == np.float16:
         result = values
     else:
-        result = values.astype(np.float16)
+        with np.errstate(over="ignore", invalid="ignore"):
+            result = values.astype(np.float16)
     if not np.isfinite(result).all():
         source_finite = np.isfinite(values).all()
         if not source_finite:

@@ -288,7 +288,7 @@ def pack(source_spec: str, out: Path, options: PackOptions, progress=None) -> di
         if options.golden and not source.transformer_only:
             if progress:
                 progress.message("golden record: running the reference pipeline on the source weights")
-            golden = write_golden(root, source, options)
+            golden = write_golden(root, source, options, target)
         manifest = build_manifest(root, source, options, variant, profile, digests, golden)
     if progress:
         progress.done()

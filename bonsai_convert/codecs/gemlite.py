@@ -117,8 +117,8 @@ def encode(codes: np.ndarray, scales: np.ndarray, variant: str) -> dict[str, np.
     if variant == "binary":
         if not np.isin(codes, (-1, 1)).all():
             raise ValueError("binary codes must be -1 or +1")
-        doubled = scales.astype(np.float32) * 2
-        if not np.isfinite(doubled.astype(np.float16)).all():
+        doubled = scales.astype(np.float32) * 2  # exact; representable in fp16 iff |2s| ≤ fp16 max
+        if not (np.abs(doubled) <= FP16_MAX).all():
             worst = float(np.abs(scales.astype(np.float32)).max())
             raise InputError(f"binary scale {worst:g} cannot be stored as 2·s in fp16 (|s| must be ≤ {FP16_MAX / 2:g})")
         q = (codes > 0).astype(np.uint8)

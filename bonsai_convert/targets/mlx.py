@@ -78,6 +78,20 @@ class MLXTarget(Target):
             f"{prefix}.biases": np.array(biases, copy=False),
         }
 
+    def text_encoder_as_shipped(self, name: str, values: np.ndarray) -> np.ndarray:
+        """The weight the runtime will see: 4-bit quantized then dequantized (the reference uses it too)."""
+        encoded = self.encode_text_encoder(name, values)
+        if len(encoded) == 1:
+            return encoded[name]
+        import mlx.core as mx
+
+        prefix = name[: -len(".weight")]
+        weight = mx.dequantize(
+            mx.array(encoded[name]), mx.array(encoded[f"{prefix}.scales"]), mx.array(encoded[f"{prefix}.biases"]),
+            group_size=TEXT_GROUP_SIZE, bits=TEXT_BITS,
+        )  # fmt: skip
+        return np.array(weight)
+
     def text_encoder_config(self, config: dict) -> dict:
         result = dict(config)
         result["quantization"] = {"group_size": TEXT_GROUP_SIZE, "bits": TEXT_BITS, "mode": "affine"}

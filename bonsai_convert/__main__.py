@@ -1,0 +1,5 @@
+"""`python -m bonsai_convert` runs the CLI."""
+
+from .cli import main
+
+main()
