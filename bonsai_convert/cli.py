@@ -107,6 +107,38 @@ def inspect(
         print_table(report, Console())
 
 
+@app.command()
+def plan(
+    target: str = typer.Option(..., "--target", "-t", help="packed, iphone, ipad, mac or cuda"),
+    variant: str = typer.Option(..., help="binary or ternary"),
+    model: str = typer.Option("klein-4b", help="klein-4b (built in) or a source folder/file (headers only)"),
+    size: Optional[str] = typer.Option(None, help="WxH for the memory estimate (default: the profile's)"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Predict a bundle's bytes per component and its memory during generation, from shapes alone."""
+    from .inspect import print_table
+    from .plan import describe_source, klein_4b, parse_size
+    from .plan import plan as make_plan
+    from .profiles import profile_for
+
+    width, height = parse_size(size, profile_for(target))
+    description = klein_4b() if model == "klein-4b" else describe_source(model)
+    report = make_plan(description, target, variant, width, height)
+    if as_json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+        return
+    out = Console()
+    packed = make_plan(description, "packed", variant, width, height) if target != "packed" else None
+    print_table(report, out, packed)
+    memory = report["memory"]
+    verdict = "[green]fits[/green]" if memory["fits"] else "[red]does not fit[/red]"
+    out.print(
+        f"memory at {width}×{height} ({memory['compute_dtype']}): peak {memory['peak_bytes'] / 1e9:.2f} GB, "
+        f"mean active {memory['mean_active_bytes'] / 1e9:.2f} GB; budget {memory['budget_bytes'] / 1e9:.2f} GB "
+        f"→ {verdict} (margin {memory['margin_bytes'] / 1e9:+.2f} GB)"
+    )
+
+
 def main() -> None:
     """Console-script entry: run the app, turning expected errors into one line and an exit code."""
     debug = "--debug" in sys.argv[1:]

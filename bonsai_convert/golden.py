@@ -14,9 +14,8 @@ SMALL_MODEL_PARAMETERS = 100_000_000
 GOLDEN_DIR = "golden"
 
 
-def golden_settings(source: Source, size: int | None) -> tuple[int, str]:
+def golden_settings(parameters: int, size: int | None) -> tuple[int, str]:
     """Size and dtype: fp32 at 64² for small models; half precision at 256² for full-size (fits a laptop)."""
-    parameters = sum(int(np.prod(t.shape)) for t in source.tensors)
     if parameters < SMALL_MODEL_PARAMETERS:
         return size or 64, "float32"
     return size or 256, "bfloat16"
@@ -28,6 +27,24 @@ def write_tensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
     with SafetensorsWriter(path, specs, {"format": "pt"}) as writer:
         for name, array in tensors.items():
             writer.write(name, array)
+
+
+def golden_record(options, size: int, dtype_name: str, out_layers, target) -> dict:
+    """golden.json's content (deterministic: no timestamps, no measured values)."""
+    return {
+        "prompt": options.golden_prompt,
+        "seed": options.golden_seed,
+        "steps": 4,
+        "width": size,
+        "height": size,
+        "guidance_scale": 1.0,
+        "compute_dtype": dtype_name,
+        "text_encoder_out_layers": list(out_layers),
+        "reference": "diffusers Flux2KleinPipeline on the source weights",
+        "text_encoder": "as shipped" + (" (4-bit, dequantized)" if target.quantizes_text_encoder else " (fp16)"),
+        "noise": f"{GOLDEN_DIR}/noise.safetensors",
+        "outputs": f"{GOLDEN_DIR}/reference.safetensors",
+    }
 
 
 def use_shipped_text_encoder(pipeline, target) -> None:
@@ -53,7 +70,7 @@ def write_golden(root: Path, source: Source, options, target) -> str:
 
     from .reference import reference_pipeline, run_reference
 
-    size, dtype_name = golden_settings(source, options.golden_size)
+    size, dtype_name = golden_settings(sum(int(np.prod(t.shape)) for t in source.tensors), options.golden_size)
     noise = initial_noise(options.golden_seed, size, size)
     pipeline = reference_pipeline(source, getattr(torch, dtype_name))
     use_shipped_text_encoder(pipeline, target)
@@ -63,19 +80,18 @@ def write_golden(root: Path, source: Source, options, target) -> str:
     folder.mkdir()
     write_tensors(folder / "noise.safetensors", {"noise": noise})
     write_tensors(folder / "reference.safetensors", {"image": output.image, "latents": output.latents})
-    record = {
-        "prompt": options.golden_prompt,
-        "seed": options.golden_seed,
-        "steps": 4,
-        "width": size,
-        "height": size,
-        "guidance_scale": 1.0,
-        "compute_dtype": dtype_name,
-        "text_encoder_out_layers": list(source.text_encoder_out_layers),
-        "reference": "diffusers Flux2KleinPipeline on the source weights",
-        "text_encoder": "as shipped" + (" (4-bit, dequantized)" if target.quantizes_text_encoder else " (fp16)"),
-        "noise": f"{GOLDEN_DIR}/noise.safetensors",
-        "outputs": f"{GOLDEN_DIR}/reference.safetensors",
-    }
+    record = golden_record(options, size, dtype_name, source.text_encoder_out_layers, target)
     (folder / "golden.json").write_bytes(json_bytes(record))
     return f"{GOLDEN_DIR}/golden.json"
+
+
+def golden_file_specs(size: int) -> dict[str, list[TensorSpec]]:
+    """The tensors of the two golden safetensors files (for size prediction)."""
+    latent = (1, 128, size // 16, size // 16)
+    return {
+        f"{GOLDEN_DIR}/noise.safetensors": [TensorSpec("noise", "F32", latent)],
+        f"{GOLDEN_DIR}/reference.safetensors": [
+            TensorSpec("image", "U8", (size, size, 3)),
+            TensorSpec("latents", "F32", latent),
+        ],
+    }

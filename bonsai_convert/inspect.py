@@ -38,26 +38,31 @@ def _size(value: int | None) -> str:
     return f"{value / 1e6:.3f} MB"
 
 
-def size_table(title: str, components: dict, payload: dict | None) -> Table:
-    """FP16 vs this bundle per component, with the reduction."""
+def size_table(title: str, components: dict, payload: dict | None, packed: dict | None = None) -> Table:
+    """FP16 vs (packed vs) this bundle per component, with the reduction; parts of the transformer below it."""
     table = Table(title=title)
-    for column in ("component", "FP16", "bundle", "reduction"):
+    columns = ["component", "FP16"] + (["packed"] if packed else []) + ["bundle", "reduction"]
+    for column in columns:
         table.add_column(column, justify="left" if column == "component" else "right")
     for name, record in components.items():
         reduction = record.get("reduction")
-        table.add_row(name, _size(record.get("fp16_bytes")), _size(record["bytes"]),
+        label = name + (" (est.)" if record.get("estimated") else "")
+        packed_cell = [_size(packed["components"].get(name, {}).get("bytes"))] if packed else []
+        table.add_row(label, _size(record.get("fp16_bytes")), *packed_cell, _size(record["bytes"]),
                       f"{reduction:.2f}×" if reduction else "—")  # fmt: skip
         for part, size in record.get("parts", {}).items():
-            table.add_row(f"  {part}", "", _size(size), "", style="dim")
+            if size:
+                table.add_row(f"  {part}", "", *([""] if packed else []), _size(size), "", style="dim")
     if payload:
-        table.add_row("payload", _size(payload["fp16_bytes"]), _size(payload["bytes"]),
+        packed_cell = [_size(packed["payload"]["bytes"])] if packed else []
+        table.add_row("payload", _size(payload["fp16_bytes"]), *packed_cell, _size(payload["bytes"]),
                       f"{payload['reduction']:.2f}×" if payload.get("reduction") else "—", style="bold")  # fmt: skip
     return table
 
 
-def print_table(report: dict, console: Console) -> None:
+def print_table(report: dict, console: Console, packed: dict | None = None) -> None:
     title = f"{report['target']} bundle, {report['variant']}" + ("" if report["exact"] else " (lossy)")
-    console.print(size_table(title, report["components"], report["payload"]))
+    console.print(size_table(title, report["components"], report["payload"], packed))
     console.print(
         f"low-bit linears: {report['low_bit_bits_per_weight']:.4f} bpw · transformer: "
         f"{report['transformer_bits_per_weight']:.4f} bpw · total {report['total_bytes']:,} bytes in "

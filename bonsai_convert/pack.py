@@ -214,14 +214,16 @@ def bundle_text_encoder_config(config: dict, target: Target, kept: dict, out_lay
     return result
 
 
-def pipeline_settings(source: Source, target_name: str, variant: str, profile: dict, te_config: dict | None) -> dict:
+def pipeline_settings(
+    target_name: str, variant: str, profile: dict, transformer_only: bool, out_layers, te_config: dict | None
+) -> dict:
     """pipeline.json (formats/bundle.md)."""
     return {
         "format_version": 1,
         "target": target_name,
         "variant": variant,
-        "transformer_only": source.transformer_only,
-        "text_encoder_out_layers": list(source.text_encoder_out_layers),
+        "transformer_only": transformer_only,
+        "text_encoder_out_layers": list(out_layers),
         "text_encoder_num_hidden_layers": int(te_config["num_hidden_layers"]) if te_config else None,
         "max_sequence_length": 512,
         "num_inference_steps": 4,
@@ -282,7 +284,9 @@ def pack(source_spec: str, out: Path, options: PackOptions, progress=None) -> di
         for name in ("tokenizer", "scheduler"):
             if name in source.components:
                 copy_plain_folder(source.components[name], root / name)
-        settings = pipeline_settings(source, options.target, variant, profile, te_config)
+        settings = pipeline_settings(
+            options.target, variant, profile, source.transformer_only, source.text_encoder_out_layers, te_config
+        )
         (root / "pipeline.json").write_bytes(json_bytes(settings))
         golden = None
         if options.golden and not source.transformer_only:

@@ -6,11 +6,12 @@ listed file against the manifest → model card (README.md, built in memory, nev
 listed files and README.md → `list_repo_tree` at the new commit: every file's size and sha256 (LFS oid) or git
 blob id must match the bundle, else RemoteError naming the file.
 
-Upload function: huggingface_hub 2.4 has no `upload_large_folder`; `upload_folder` uploads whatever lies in a
-folder and would need the card written next to the bundle. `create_commit` with explicit `CommitOperationAdd`s
-uploads exactly the verified files plus the card (as bytes) in one atomic commit, honours `revision` and the
-commit message, and resumes on re-run: files the Hub already stores are skipped (preupload oid / LFS batch with
-no upload action), and with `hf_xet` installed (the default) Xet deduplicates chunks already sent.
+Upload function: huggingface_hub 2.4 has no `upload_large_folder`; `upload_folder` uploads whatever lies in
+a folder and would need the card written next to the bundle. `create_commit` with explicit
+`CommitOperationAdd`s uploads exactly the verified files plus the card (as bytes) in one atomic commit,
+honours `revision` and the commit message, and resumes on re-run: files the Hub already stores are skipped
+(preupload oid / LFS batch with no upload action), and with `hf_xet` installed (the default) Xet
+deduplicates chunks already sent.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _REPO_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 _UPLOAD_FAILED_RE = re.compile(r"Error while uploading '(?P<path>[^']+)' to the Hub")
 _TOKEN_LIKE_RE = re.compile(r"(hf_[A-Za-z0-9]{6,}|Bearer\s+\S+)")
+_CONNECT_ERRORS = {"ConnectError", "ConnectTimeout", "ProxyError", "UnsupportedProtocol"}
 _CHUNK = 8 * 1024 * 1024
 
 
@@ -160,9 +162,10 @@ def _git_blob_id(path: Path, size: int) -> str:
 
 
 def check_bundle_files(bundle_dir: str | Path, files: Iterable[BundleFile]) -> None:
-    """Re-hash every listed file: it must be a regular file inside the bundle with the manifest's size and sha256.
+    """Re-hash every listed file: a regular file inside the bundle with the manifest's size and sha256.
 
-    Raises InputError naming the first file that is missing, a link, outside the bundle, or changed after verify.
+    Raises InputError naming the first file that is missing, a link, outside the bundle, or changed after
+    verify.
     """
     root = Path(bundle_dir).resolve()
     for item in files:
@@ -178,18 +181,19 @@ def check_bundle_files(bundle_dir: str | Path, files: Iterable[BundleFile]) -> N
         actual_size = local.stat().st_size
         if actual_size != item.bytes:
             raise InputError(
-                f"{item.path}: {actual_size} bytes but manifest.json says {item.bytes}: the file changed after "
-                "verify; re-run verify"
+                f"{item.path}: {actual_size} bytes but manifest.json says {item.bytes}: the file changed "
+                "after verify; re-run verify"
             )
         _, actual_sha = _hash_file(local)
         if actual_sha != item.sha256:
             raise InputError(
-                f"{item.path}: sha256 differs from manifest.json: the file changed after verify; re-run verify"
+                f"{item.path}: sha256 differs from manifest.json: the file changed after verify; "
+                "re-run verify"
             )
 
 
 def plan_upload(bundle_dir: str | Path, manifest: dict) -> list[tuple[str, int]]:
-    """(path in repo, bytes) of the bundle files publish uploads: manifest.json and every listed file, by path.
+    """(path in repo, bytes) of the bundle files publish uploads: manifest.json and every listed file.
 
     The model card (README.md) is added by `publish`; it is not part of the bundle.
     """
@@ -212,7 +216,12 @@ def format_bytes(n: float | None) -> str:
 
 
 def _reduction(fp16_bytes: Any, size: Any) -> str:
-    if isinstance(fp16_bytes, (int, float)) and isinstance(size, (int, float)) and fp16_bytes > 0 and size > 0:
+    if (
+        isinstance(fp16_bytes, (int, float))
+        and isinstance(size, (int, float))
+        and fp16_bytes > 0
+        and size > 0
+    ):
         return f"{fp16_bytes / size:.2f}×"
     return "—"
 
@@ -232,13 +241,14 @@ def _size_table(manifest: dict) -> list[str]:
     payload = manifest.get("payload") if isinstance(manifest.get("payload"), dict) else {}
     size, fp16 = _number(payload.get("bytes")), _number(payload.get("fp16_bytes"))
     lines.append(
-        f"| **Total payload** | **{format_bytes(fp16)}** | **{format_bytes(size)}** | **{_reduction(fp16, size)}** |"
+        f"| **Total payload** | **{format_bytes(fp16)}** | **{format_bytes(size)}** "
+        f"| **{_reduction(fp16, size)}** |"
     )
     return lines
 
 
 def _checks(report: dict) -> list[tuple[str, bool]]:
-    """(name, passed) of a verify report's `checks`: a list of {name, passed} or a map name → bool/{passed}."""
+    """(name, passed) of a report's `checks`: a list of {name, passed} or a map name → bool/{passed}."""
     raw = report.get("checks")
     items: list[tuple[str, bool]] = []
     if isinstance(raw, dict):
@@ -257,14 +267,20 @@ def _verify_section(report: dict | None) -> list[str]:
     if report is None:
         return [
             "This bundle was published **without** a passing `bonsai-convert verify` record "
-            "(`--allow-unverified`). Run `bonsai-convert verify` on the downloaded folder before relying on it.",
+            "(`--allow-unverified`). Run `bonsai-convert verify` on the downloaded folder before relying "
+            "on it.",
         ]
-    lines = ["`bonsai-convert verify` passed on this exact bundle (keyed by the sha256 of its `manifest.json`)."]
+    lines = [
+        "`bonsai-convert verify` passed on this exact bundle (keyed by the sha256 of its `manifest.json`)."
+    ]
     psnr = _number(report.get("psnr_db", report.get("psnr")))
     if psnr is not None:
         threshold = _number(report.get("psnr_threshold_db", report.get("threshold_db")))
         suffix = f" (pass threshold {threshold:.1f} dB)" if threshold is not None else ""
-        lines += ["", f"- PSNR of the generated image against the golden reference: **{psnr:.2f} dB**{suffix}"]
+        lines += [
+            "",
+            f"- PSNR of the generated image against the golden reference: **{psnr:.2f} dB**{suffix}",
+        ]
     checks = _checks(report)
     if checks:
         passed = [name for name, ok in checks if ok]
@@ -273,7 +289,7 @@ def _verify_section(report: dict | None) -> list[str]:
 
 
 def build_model_card(manifest: dict, verify_report: dict | None, repo_id: str) -> ModelCard:
-    """The bundle's model card: Hub metadata, size table, verify result and usage. Deterministic (no dates)."""
+    """The bundle's model card: Hub metadata, size table, verify result, usage. Deterministic (no dates)."""
     target, variant = manifest.get("target"), manifest.get("variant")
     if target not in TARGETS:
         raise InputError(f"manifest.json: target must be one of {', '.join(TARGETS)}, got {target!r}")
@@ -304,9 +320,15 @@ def build_model_card(manifest: dict, verify_report: dict | None, repo_id: str) -
         "",
     ]
     if exact is True:
-        body += ["The conversion is **exact**: every low-bit weight decodes to the trained value bit for bit.", ""]
+        body += [
+            "The conversion is **exact**: every low-bit weight decodes to the trained value bit for bit.",
+            "",
+        ]
     elif exact is False:
-        body += ["The conversion is **not exact** (a lossy encoding of some weights); see `manifest.json`.", ""]
+        body += [
+            "The conversion is **not exact** (a lossy encoding of some weights); see `manifest.json`.",
+            "",
+        ]
     body += ["## Size", "", *_size_table(manifest), ""]
     if low_bit is not None or transformer_bpw is not None:
         parts = []
@@ -329,7 +351,7 @@ def build_model_card(manifest: dict, verify_report: dict | None, repo_id: str) -
         "```bash",
         f"hf download {repo_id} --local-dir {local_dir}",
         f"bonsai-convert verify {local_dir}",
-        f'bonsai-convert generate {local_dir} --prompt "a bonsai tree on a wooden desk, soft light" -o image.png',
+        f'bonsai-convert generate {local_dir} --prompt "a bonsai tree on a wooden desk" -o image.png',
         "```",
         "",
         "From Python:",
@@ -400,7 +422,9 @@ def _token_available(token: str | None) -> bool:
         return False
 
 
-def _remote_error(exc: BaseException, *, repo_id: str, revision: str, token: str | None) -> RemoteError:
+def _remote_error(
+    exc: BaseException, *, repo_id: str, revision: str, token: str | None, endpoint: str
+) -> RemoteError:
     """One-line RemoteError for a failure while talking to the Hub (token never included)."""
     chain: list[BaseException] = []
     current: BaseException | None = exc
@@ -409,6 +433,9 @@ def _remote_error(exc: BaseException, *, repo_id: str, revision: str, token: str
         current = current.__cause__ or current.__context__
     http = next((e for e in chain if isinstance(e, HfHubHTTPError) and e.response is not None), None)
     status = http.response.status_code if http is not None else None
+    upload = next((m for e in chain if (m := _UPLOAD_FAILED_RE.search(str(e)))), None)
+    root = chain[-1]
+    detail = f"{type(root).__name__}: {str(root).splitlines()[0] if str(root) else ''}".rstrip(": ")
     if status == 401:
         if _token_available(token):
             message = (
@@ -417,41 +444,44 @@ def _remote_error(exc: BaseException, *, repo_id: str, revision: str, token: str
             )
         else:
             message = (
-                "no Hugging Face token found (HTTP 401): set HF_TOKEN or run `hf auth login` with a write token"
+                "no Hugging Face token found (HTTP 401): set HF_TOKEN or run `hf auth login` "
+                "with a write token"
             )
+    elif upload is not None:
+        message = (
+            f"upload of {upload['path']} failed ({detail}); re-run the same command to resume: "
+            "files already on the Hub are not sent again"
+        )
     elif status == 403:
-        message = f"the Hub refused write access to {repo_id} (HTTP 403): the token lacks write permission there"
+        message = (
+            f"the Hub refused write access to {repo_id} (HTTP 403): the token lacks write permission there"
+        )
     elif isinstance(http, RevisionNotFoundError):
         message = f"revision {revision!r} not found in {repo_id} (HTTP {status})"
     elif isinstance(http, RepositoryNotFoundError):
         message = f"repository {repo_id} not found (HTTP {status})"
     elif any(isinstance(e, OfflineModeIsEnabled) for e in chain):
         message = "HF_HUB_OFFLINE is set: unset it to publish"
+    elif "Invalid metadata in README.md" in str(exc):
+        message = f"the Hub rejected the model card metadata: {exc}"
+    elif status is not None:
+        server = http.server_message if http is not None and http.server_message else str(http)
+        message = f"the Hub answered HTTP {status}: {server.splitlines()[0] if server else ''}"
+    elif any(type(e).__name__ in _CONNECT_ERRORS or isinstance(e, ConnectionRefusedError) for e in chain):
+        message = f"cannot reach the Hub at {endpoint} ({detail})"
     else:
-        upload = next((m for e in chain if (m := _UPLOAD_FAILED_RE.search(str(e)))), None)
-        root = chain[-1]
-        detail = f"{type(root).__name__}: {str(root).splitlines()[0] if str(root) else ''}".rstrip(": ")
-        if upload is not None:
-            message = (
-                f"upload of {upload['path']} failed ({detail}); re-run the same command to resume: "
-                "files already on the Hub are not sent again"
-            )
-        elif "Invalid metadata in README.md" in str(exc):
-            message = f"the Hub rejected the model card metadata: {exc}"
-        elif status is not None:
-            server = http.server_message if http is not None and http.server_message else str(http)
-            message = f"the Hub answered HTTP {status}: {server.splitlines()[0] if server else ''}"
-        else:
-            message = f"publishing to {repo_id} failed: {detail}"
+        message = f"publishing to {repo_id} failed: {detail}"
     return RemoteError(scrub(message, token))
 
 
 def _operations(bundle: Path, files: list[BundleFile], card_bytes: bytes) -> list[CommitOperationAdd]:
-    """Commit operations: manifest.json, every listed file (sha256 preset from the checked manifest), README.md."""
+    """Commit operations: manifest.json, every listed file (sha256 preset, just checked), README.md."""
     operations = [CommitOperationAdd(path_in_repo=MANIFEST_NAME, path_or_fileobj=str(bundle / MANIFEST_NAME))]
     for item in files:
         op = CommitOperationAdd(path_in_repo=item.path, path_or_fileobj=str(bundle / item.path))
-        op.upload_info.sha256 = bytes.fromhex(item.sha256)  # just re-hashed: spare huggingface_hub a second pass
+        op.upload_info.sha256 = bytes.fromhex(
+            item.sha256
+        )  # just re-hashed: spare huggingface_hub a second pass
         operations.append(op)
     operations.append(CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=card_bytes))
     return operations
@@ -460,7 +490,7 @@ def _operations(bundle: Path, files: list[BundleFile], card_bytes: bytes) -> lis
 def check_remote(
     remote: dict[str, RepoFile], bundle: Path, files: list[BundleFile], card_bytes: bytes
 ) -> list[str]:
-    """Compare the Hub's files with the bundle; RemoteError naming the first mismatch. Returns extra remote paths.
+    """Compare the Hub's files with the bundle: RemoteError naming the first mismatch; returns extra paths.
 
     LFS files: size and LFS oid (= sha256 of the content). Regular (git) files: size and git blob sha1.
     """
@@ -485,7 +515,9 @@ def check_remote(
                 )
         else:
             if isinstance(source, bytes):
-                blob = hashlib.sha1(f"blob {len(source)}\0".encode() + source, usedforsecurity=False).hexdigest()
+                blob = hashlib.sha1(
+                    f"blob {len(source)}\0".encode() + source, usedforsecurity=False
+                ).hexdigest()
             else:
                 blob = _git_blob_id(source, size)
             if entry.blob_id != blob:
@@ -529,8 +561,8 @@ def publish(
     report = find_pass(bundle)
     if report is None and not allow_unverified:
         raise InputError(
-            f"{bundle}: no passing verify record for this manifest.json; run `bonsai-convert verify {bundle}` "
-            "first (or pass --allow-unverified)"
+            f"{bundle}: no passing verify record for this manifest.json; run "
+            f"`bonsai-convert verify {bundle}` first (or pass --allow-unverified)"
         )
     check_bundle_files(bundle, files)
     card = build_model_card(manifest, report, repo_id)
@@ -541,7 +573,9 @@ def publish(
     if card_out is not None:
         card_path = Path(card_out)
         if card_path.resolve().is_relative_to(bundle.resolve()):
-            raise UsageError(f"--card-out {card_path}: inside the bundle; a bundle holds only its listed files")
+            raise UsageError(
+                f"--card-out {card_path}: inside the bundle; a bundle holds only its listed files"
+            )
         try:
             card_path.parent.mkdir(parents=True, exist_ok=True)
             card_path.write_bytes(card_bytes)
@@ -590,7 +624,7 @@ def publish(
             if isinstance(entry, RepoFile)
         }
     except Exception as exc:  # every Hub/network failure becomes one scrubbed line (chain kept for --debug)
-        raise _remote_error(exc, repo_id=repo_id, revision=rev, token=token) from exc
+        raise _remote_error(exc, repo_id=repo_id, revision=rev, token=token, endpoint=api.endpoint) from exc
 
     result.stale_remote_files = check_remote(remote, bundle, files, card_bytes)
     result.commit_oid, result.commit_url = info.oid, info.commit_url
@@ -600,7 +634,7 @@ def publish(
     )
     if result.stale_remote_files:
         console.print(
-            f"[yellow]warning:[/] {repo_id} @ {rev} also holds {len(result.stale_remote_files)} file(s) not in "
-            f"this bundle (left untouched): {', '.join(result.stale_remote_files)}"
+            f"[yellow]warning:[/] {repo_id} @ {rev} also holds {len(result.stale_remote_files)} file(s) "
+            f"not in this bundle (left untouched): {', '.join(result.stale_remote_files)}"
         )
     return result

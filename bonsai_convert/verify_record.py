@@ -1,10 +1,9 @@
 """Passing `verify` results, recorded outside the bundle (verify never modifies a bundle).
 
 A record lives at `<cache>/verified/<sha256 of manifest.json bytes>.json`, where `<cache>` is
-`$BONSAI_CONVERT_CACHE` or `~/.cache/bonsai-convert`. Keying on the manifest bytes ties a record to one exact
-bundle: the manifest lists every file's sha256, so any change to a listed file needs a new manifest, and any change
-to the manifest gives a new key. `publish` still re-hashes the files before uploading (a file edited after verify
-without touching the manifest is caught there).
+`$BONSAI_CONVERT_CACHE` or `~/.cache/bonsai-convert`. Keying on the manifest bytes ties a record to one
+exact manifest; `publish` also re-hashes the listed files before uploading, so a file edited after verify
+(without touching the manifest) is caught there.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 Pure numpy, no I/O, no torch. `encode` gives exactly what `GemLiteLinearTriton.state_dict()` holds after
 `.pack(W_q uint8, scales, zeros, bias=None, fma_mode=True, packing_bitwidth=32)` for an fp16 layer with group
-size 128 (formats/gemlite.md). `decode`/`dequantize` read such a state back; they follow the spec, not the encoder.
+size 128 (formats/gemlite.md). `decode`/`dequantize` read such a state back, written from the spec rather
+than by inverting the encoder.
 """
 
 from __future__ import annotations
@@ -47,19 +48,25 @@ def _metadata(nbits: int, group_size: int, channel_scale_mode: int, group_mode: 
 
 
 def pack_words(q: np.ndarray, nbits: int) -> np.ndarray:
-    """uint8 q [N, K] → int32 words [K/e, N], e = 32/nbits: q[n, k] at bits (k % e)·nbits of word [k // e, n]."""
+    """uint8 q [N, K] → int32 words [K/e, N] (e = 32/nbits): q[n, k] at bit (k % e)·nbits of word [k // e, n]."""
     out_features, in_features = q.shape
-    per_word = PACKING_BITWIDTH // nbits
-    words = np.zeros((out_features, in_features // per_word), dtype=np.uint32)
-    for slot in range(per_word):  # one vectorized pass per bit position in the word (≤ 32), not per group
-        words |= q[:, slot::per_word].astype(np.uint32) << np.uint32(slot * nbits)
-    return np.ascontiguousarray(words.T).view(np.int32)
+    if nbits == 1:
+        packed = np.packbits(q, axis=1, bitorder="little")  # bit k % 8 of byte k // 8
+    else:  # fields LSB-first within each byte (≤ 8 vectorized passes, not per group)
+        per_byte = 8 // nbits
+        fields = q.reshape(out_features, in_features // per_byte, per_byte)
+        packed = fields[:, :, 0].copy()
+        for slot in range(1, per_byte):
+            packed |= fields[:, :, slot] << np.uint8(slot * nbits)
+    # Four consecutive bytes, read little-endian, are one word: byte j holds bits 8j..8j+7 of it.
+    words = np.ascontiguousarray(packed).view("<u4")
+    return np.ascontiguousarray(words.T).view("<i4").astype(np.int32, copy=False)
 
 
 def encode_affine(
     q: np.ndarray, scales: np.ndarray, zeros: np.ndarray | int, nbits: int, group_size: int = GROUP_SIZE
 ) -> dict[str, np.ndarray]:
-    """GemLiteLinearTriton state after pack(q, scales, zeros) with fp16 scales: W ≈ (q − zeros)·scales per group.
+    """GemLiteLinearTriton state after pack(q, scales, zeros), fp16 scales: W ≈ (q − zeros)·scales per group.
 
     q uint8 [N, K] < 2**nbits; scales fp16 [N, K/group_size]; zeros an fp16 array shaped like scales (stored
     fma-style as −zeros·scales, W_group_mode 4) or a Python int (stored as an int32 scalar, W_group_mode 3).
@@ -72,10 +79,14 @@ def encode_affine(
         raise ValueError(f"q must be a 2-D uint8 array, got {q.dtype} {list(q.shape)}")
     out_features, in_features = q.shape
     if group_size < 16 or in_features % 32 or in_features % group_size:
-        raise ValueError(f"in_features {in_features} must be divisible by 32 and the group size {group_size} (≥ 16)")
+        raise ValueError(
+            f"in_features {in_features} must be divisible by 32 and the group size {group_size} (≥ 16)"
+        )
     groups = in_features // group_size
     if scales.dtype != np.float16 or scales.shape != (out_features, groups):
-        raise ValueError(f"scales must be fp16 [{out_features}, {groups}], got {scales.dtype} {list(scales.shape)}")
+        raise ValueError(
+            f"scales must be fp16 [{out_features}, {groups}], got {scales.dtype} {list(scales.shape)}"
+        )
     if q.size and int(q.max()) >= 2**nbits:
         raise ValueError(f"q holds {int(q.max())}, which does not fit in {nbits} bits")
     channelwise = groups == 1  # gemlite: scales.numel() == out_features
@@ -113,22 +124,28 @@ def encode(codes: np.ndarray, scales: np.ndarray, variant: str) -> dict[str, np.
     if variant not in VARIANT_BITS:
         raise ValueError(f"unknown variant {variant!r}")
     if codes.ndim != 2 or codes.dtype != np.int8 or codes.shape[1] % GROUP_SIZE:
-        raise ValueError(f"codes must be int8 [N, K] with K % {GROUP_SIZE} == 0, got {codes.dtype} {list(codes.shape)}")
+        raise ValueError(
+            f"codes must be int8 [N, K] with K % {GROUP_SIZE} == 0, got {codes.dtype} {list(codes.shape)}"
+        )
     if variant == "binary":
-        if not np.isin(codes, (-1, 1)).all():
+        if not ((codes == 1) | (codes == -1)).all():
             raise ValueError("binary codes must be -1 or +1")
         doubled = scales.astype(np.float32) * 2  # exact; representable in fp16 iff |2s| ≤ fp16 max
         if not (np.abs(doubled) <= FP16_MAX).all():
             worst = float(np.abs(scales.astype(np.float32)).max())
-            raise InputError(f"binary scale {worst:g} cannot be stored as 2·s in fp16 (|s| must be ≤ {FP16_MAX / 2:g})")
+            raise InputError(
+                f"binary scale {worst:g} cannot be stored as 2·s in fp16 (|s| must be ≤ {FP16_MAX / 2:g})"
+            )
         q = (codes > 0).astype(np.uint8)
         return encode_affine(q, doubled.astype(np.float16), np.full(scales.shape, 0.5, np.float16), 1)
-    if not np.isin(codes, (-1, 0, 1)).all():
+    if not ((codes >= -1) & (codes <= 1)).all():
         raise ValueError("ternary codes must be -1, 0 or +1")
     return encode_affine((codes + 1).astype(np.uint8), scales, 1, 2)
 
 
-def tensor_specs(name_prefix: str, out_features: int, in_features: int, variant: str) -> list[tuple[str, str, tuple]]:
+def tensor_specs(
+    name_prefix: str, out_features: int, in_features: int, variant: str
+) -> list[tuple[str, str, tuple]]:
     """(name, safetensors dtype, shape) of every tensor `encode` gives, named `<name_prefix>.<key>`."""
     nbits = VARIANT_BITS[variant]
     groups = in_features // GROUP_SIZE
@@ -144,7 +161,7 @@ def tensor_specs(name_prefix: str, out_features: int, in_features: int, variant:
     return [(f"{prefix}.{key}", *shapes[key]) for key in STATE_KEYS]
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Decoding, from formats/gemlite.md.
 
 
@@ -165,13 +182,13 @@ def read_metadata(state: dict[str, np.ndarray]) -> dict[str, int]:
     """The 12 metadata fields by name, plus out_features/in_features from orig_shape."""
     metadata = _checked(state, "metadata", np.int32, (len(METADATA_FIELDS),))
     orig_shape = _checked(state, "orig_shape", np.int32, (2,))
-    fields = {name: int(v) for name, v in zip(METADATA_FIELDS, metadata)}
+    fields = {name: int(v) for name, v in zip(METADATA_FIELDS, metadata, strict=True)}
     fields["out_features"], fields["in_features"] = (int(v) for v in orig_shape)
     return fields
 
 
 def unpack_words(words: np.ndarray, nbits: int, in_features: int) -> np.ndarray:
-    """int32 words [K/e, N] → uint8 q [N, K]: q[n, k] = (words[k // e, n] >> ((k % e)·nbits)) & (2**nbits − 1)."""
+    """int32 words [K/e, N] → uint8 q [N, K]: q[n, k] = (words[k // e, n] >> (k % e)·nbits) & (2**nbits − 1)."""
     per_word = PACKING_BITWIDTH // nbits
     shifts = np.arange(per_word, dtype=np.uint32) * np.uint32(nbits)
     fields = (words.view(np.uint32)[:, None, :] >> shifts[None, :, None]) & np.uint32(2**nbits - 1)
@@ -186,14 +203,17 @@ def _layer(state: dict[str, np.ndarray]) -> tuple[dict[str, int], np.ndarray, np
     if nbits not in (1, 2, 4, 8) or group_size < 16 or n <= 0 or k <= 0 or k % 32 or k % group_size:
         raise _fail(f"unsupported W_nbits {nbits} / group_size {group_size} / shape [{n}, {k}]")
     expected = {
-        "scaled_activations": 0, "unpack_mask": 2**nbits - 1, "elements_per_sample": PACKING_BITWIDTH // nbits,
-        "input_dtype": DTYPE_FP16, "output_dtype": DTYPE_FP16, "meta_dtype": DTYPE_FP16, "data_contiguous": 1,
+        "scaled_activations": 0, "unpack_mask": 2**nbits - 1,
+        "elements_per_sample": PACKING_BITWIDTH // nbits, "input_dtype": DTYPE_FP16, "output_dtype": DTYPE_FP16, "meta_dtype": DTYPE_FP16, "data_contiguous": 1,
     }  # fmt: skip
     for name, value in expected.items():
         if meta[name] != value:
             raise _fail(f"metadata {name} is {meta[name]}, expected {value}")
     if (meta["channel_scale_mode"], meta["W_group_mode"]) not in ((0, 2), (0, 3), (0, 4), (1, 1)):
-        raise _fail(f"unsupported channel_scale_mode {meta['channel_scale_mode']} / W_group_mode {meta['W_group_mode']}")
+        raise _fail(
+            f"unsupported channel_scale_mode {meta['channel_scale_mode']}"
+            f" / W_group_mode {meta['W_group_mode']}"
+        )
     if (meta["channel_scale_mode"] == 1) != (k == group_size):
         raise _fail("channel_scale_mode 1 is used exactly when in_features == group_size")
     words = _checked(state, "W_q", np.int32, (k * nbits // PACKING_BITWIDTH, n))
@@ -204,12 +224,14 @@ def _layer(state: dict[str, np.ndarray]) -> tuple[dict[str, int], np.ndarray, np
         (zeros.dtype == np.int32 and zeros.shape == ())
         or (zeros.dtype == np.float16 and zeros.shape == (k // group_size, n))
     ):
-        raise _fail(f"zeros is {zeros.dtype} {list(zeros.shape)}, expected an int32 scalar or fp16 like scales")
+        raise _fail(
+            f"zeros is {zeros.dtype} {list(zeros.shape)}, expected an int32 scalar or fp16 like scales"
+        )
     return meta, unpack_words(words, nbits, k), scales, zeros
 
 
 def dequantize(state: dict[str, np.ndarray]) -> np.ndarray:
-    """The fp16 weight [N, K] a gemlite fp16 layer stands for (modes of formats/gemlite.md, one fp16 rounding)."""
+    """The fp16 weight [N, K] a gemlite fp16 layer stands for (formats/gemlite.md modes, one fp16 rounding)."""
     meta, q, scales, zeros = _layer(state)
     group_size, mode = meta["group_size"], meta["W_group_mode"]
     s = np.repeat(scales.T.astype(np.float64), group_size, axis=1)
@@ -226,7 +248,7 @@ def dequantize(state: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def decode(state: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """(codes int8 [N, K], fp16 scales [N, K/128]) of an exact binary (1-bit) or ternary (2-bit) gemlite layer."""
+    """(codes int8 [N, K], fp16 scales [N, K/128]) of an exact binary (1-bit) / ternary (2-bit) layer."""
     meta, q, stored_scales, zeros = _layer(state)
     nbits, mode = meta["W_nbits"], meta["W_group_mode"]
     if meta["group_size"] != GROUP_SIZE or nbits not in (1, 2):
