@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .errors import BonsaiError, UsageError
+from .errors import BonsaiError, UsageError, VerifyFailed
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Pack trained binary/ternary FLUX.2 Klein models into device bundles, verify, publish.")  # fmt: skip
@@ -137,6 +137,44 @@ def plan(
         f"mean active {memory['mean_active_bytes'] / 1e9:.2f} GB; budget {memory['budget_bytes'] / 1e9:.2f} GB "
         f"→ {verdict} (margin {memory['margin_bytes'] / 1e9:+.2f} GB)"
     )
+
+
+@app.command()
+def verify(
+    bundle: Path = typer.Argument(..., help="Bundle folder."),
+    source: Optional[str] = typer.Option(None, help="Compare the weights bit for bit against this source."),
+    report: Optional[Path] = typer.Option(None, help="Write the JSON report here."),
+    image: Optional[Path] = typer.Option(None, help="Write reference | bundle | difference as PNG here."),
+    generate: bool = typer.Option(True, "--generate/--no-generate", help="Run the golden-image check."),
+    no_golden: bool = typer.Option(False, "--no-golden", help="Same as --no-generate."),
+    min_psnr: Optional[float] = typer.Option(None, help="Minimum PSNR in dB (default 40 fp32, 35 fp16)."),
+    dtype: Optional[str] = typer.Option(None, help="Runtime compute dtype (default: the golden record's)."),
+) -> None:
+    """The release gate: integrity, bit-exact weights, and the golden image. Exit 0 only if all checks pass."""
+    from rich.table import Table
+
+    from .schemas import validate
+    from .verify import VerifyOptions, report_json, verify_bundle
+    from .verify_record import record_pass
+
+    options = VerifyOptions(source=source, generate=generate and not no_golden, min_psnr=min_psnr, image=image,
+                            dtype=dtype)  # fmt: skip
+    result = verify_bundle(bundle, options)
+    validate(result, "verify_report", "verify report")
+    table = Table(title=f"verify {bundle}")
+    for column in ("check", "result", "detail"):
+        table.add_column(column)
+    for check in result["checks"]:
+        table.add_row(check["name"], "[green]pass[/green]" if check["passed"] else "[red]FAIL[/red]", check["detail"])
+    Console().print(table)
+    if report:
+        report.write_text(report_json(result))
+    if not result["passed"]:
+        failed = next(c for c in result["checks"] if not c["passed"])
+        raise VerifyFailed(f"{bundle}: {failed['name']}: {failed['detail']}")
+    record_pass(bundle, result)
+    psnr = f"{result['psnr_db']:.2f} dB" if result["psnr_db"] is not None else "generation NOT checked"
+    Console().print(f"[green]verified[/green] {bundle} ({psnr})")
 
 
 def main() -> None:

@@ -182,6 +182,11 @@ def build_manifest(root: Path, source: Source, options, variant: str, profile: d
     return manifest
 
 
+def safe_relative(path: str) -> bool:
+    """A relative path of safe characters with no `..` component (never leaves the bundle)."""
+    return bool(SAFE_PATH.match(path)) and ".." not in path.split("/")
+
+
 def load_manifest(root: Path) -> dict:
     """Read and schema-validate a bundle's manifest; every path must be a safe relative path."""
     path = root / MANIFEST
@@ -190,8 +195,10 @@ def load_manifest(root: Path) -> dict:
     manifest = read_json(path)
     validate(manifest, "manifest", str(path))
     for entry in manifest["files"]:
-        if not SAFE_PATH.match(entry["path"]) or ".." in entry["path"].split("/"):
+        if not safe_relative(entry["path"]):
             raise InputError(f"{path}: file path {entry['path']!r} is not a safe relative path")
+    if manifest["golden"] is not None and not safe_relative(manifest["golden"]):
+        raise InputError(f"{path}: golden path {manifest['golden']!r} is not a safe relative path")
     return manifest
 
 

@@ -203,13 +203,13 @@ def text_encoder_plan(source: Source, target: Target, shard_bytes: int):
         return None
     config = read_json(folder / "config.json")
     shapes, files = _component_tensors(folder)
-    kept = kept_text_encoder_tensors(shapes, config, source.text_encoder_out_layers, target.quantizes_text_encoder)
+    kept = kept_text_encoder_tensors(shapes, config, source.text_encoder_out_layers, target.truncates_text_encoder)
     return config, shapes, kept, text_encoder_layout(target, kept, shard_bytes), files
 
 
 def bundle_text_encoder_config(config: dict, target: Target, kept: dict, out_layers: tuple[int, ...]) -> dict:
     result = target.text_encoder_config(config)
-    if target.quantizes_text_encoder:
+    if target.truncates_text_encoder:
         result["num_hidden_layers"] = min(int(config.get("num_hidden_layers", 0)), max(out_layers))
     return result
 

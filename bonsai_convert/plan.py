@@ -158,7 +158,9 @@ def plan_entries(model: ModelDescription, target_name: str, variant: str, golden
     te_config = None
     if model.text_encoder is not None and model.text_encoder_config is not None:
         te_config = model.text_encoder_config
-        kept = kept_text_encoder_tensors(model.text_encoder, te_config, model.out_layers, target.quantizes_text_encoder)
+        kept = kept_text_encoder_tensors(
+            model.text_encoder, te_config, model.out_layers, target.truncates_text_encoder
+        )
         entries += _layout_entries(text_encoder_layout(target, kept, shard_bytes))
         bundle_config = bundle_text_encoder_config(te_config, target, kept, model.out_layers)
         entries.append(FileEntry("text_encoder/config.json", len(json_bytes(bundle_config))))

@@ -61,7 +61,7 @@ TARGET_DESCRIPTION = {
     "mac": "MLX on Apple-silicon Macs",
     "cuda": "NVIDIA GPUs through diffusers with Gemlite low-bit kernels",
 }
-COMPONENT_ORDER = ("transformer", "text_encoder", "vae", "tokenizer", "configs", "golden")
+COMPONENT_ORDER = ("transformer", "text_encoder", "vae", "tokenizer", "scheduler", "configs", "golden")
 RESERVED_PATHS = (MANIFEST_NAME, CARD_NAME, ".gitattributes")
 _PATH_RE = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -271,21 +271,40 @@ def _verify_section(report: dict | None) -> list[str]:
             "on it.",
         ]
     lines = [
-        "`bonsai-convert verify` passed on this exact bundle (keyed by the sha256 of its `manifest.json`)."
+        "`bonsai-convert verify` passed on this exact bundle (keyed by the sha256 of its `manifest.json`).",
+        "",
     ]
-    psnr = _number(report.get("psnr_db", report.get("psnr")))
+    psnr = _number(report.get("psnr_db"))
     if psnr is not None:
-        threshold = _number(report.get("psnr_threshold_db", report.get("threshold_db")))
-        suffix = f" (pass threshold {threshold:.1f} dB)" if threshold is not None else ""
-        lines += [
-            "",
-            f"- PSNR of the generated image against the golden reference: **{psnr:.2f} dB**{suffix}",
-        ]
+        lines.append(f"- Golden image: the runtime's output is **{psnr:.2f} dB** PSNR from the reference")
+    elif report.get("generation_checked") is False or "psnr_db" in report:
+        lines.append("- Golden image: **not compared** (no image was generated during verify)")
     checks = _checks(report)
     if checks:
         passed = [name for name, ok in checks if ok]
         lines.append(f"- Checks passed ({len(passed)}/{len(checks)}): " + ", ".join(f"`{n}`" for n in passed))
     return lines
+
+
+def _usage_section(manifest: dict, repo_id: str, local_dir: str) -> list[str]:
+    download = [f"hf download {repo_id} --local-dir {local_dir}", f"bonsai-convert verify {local_dir}"]
+    python = ["from huggingface_hub import snapshot_download", "", f'bundle = snapshot_download("{repo_id}")']
+    if manifest.get("target") == "packed":
+        intro = "A packed bundle has no runtime: download it and pack it for a device with `bonsai-convert`:"
+        run = f"bonsai-convert pack {local_dir} --target mac -o {local_dir}-mac"
+        python.append("# then: bonsai-convert pack <bundle> --target mac -o bundle-mac")
+    elif manifest.get("transformer_only") is True:
+        intro = (
+            "This bundle holds the transformer only (no text encoder or VAE), so it cannot generate on its "
+            "own. Download and check it with `bonsai-convert`:"
+        )
+        run = f"bonsai-convert inspect {local_dir}"
+        python.append("# then: bonsai-convert inspect <bundle>")
+    else:
+        intro = "Download the bundle and run it with the reference runtime of `bonsai-convert`:"
+        run = f'bonsai-convert generate {local_dir} --prompt "a bonsai tree on a wooden desk" -o image.png'
+        python.append("# then: bonsai-convert generate <bundle> --prompt ... -o image.png")
+    return [intro, "", "```bash", *download, run, "```", "", "From Python:", "", "```python", *python, "```"]
 
 
 def build_model_card(manifest: dict, verify_report: dict | None, repo_id: str) -> ModelCard:
@@ -305,10 +324,10 @@ def build_model_card(manifest: dict, verify_report: dict | None, repo_id: str) -
         tags=["bonsai", variant, target, "bonsai-convert", "flux2-klein"],
     )
     name = repo_id.split("/")[-1]
-    local_dir = name
     bpw = manifest.get("bits_per_weight") if isinstance(manifest.get("bits_per_weight"), dict) else {}
     low_bit, transformer_bpw = _number(bpw.get("low_bit_linears")), _number(bpw.get("transformer"))
-    exact = manifest.get("exact")
+    tool = manifest.get("tool") if isinstance(manifest.get("tool"), dict) else {}
+    version = tool.get("version") if isinstance(tool.get("version"), str) else __version__
     weights = "±1 (binary)" if variant == "binary" else "{−1, 0, +1} (ternary)"
 
     body: list[str] = [
@@ -316,20 +335,21 @@ def build_model_card(manifest: dict, verify_report: dict | None, repo_id: str) -
         "",
         f"A **{variant}** Bonsai build of [{base_model}](https://huggingface.co/{base_model}) for "
         f"**{target}**: {TARGET_DESCRIPTION[target]}. The transformer's low-bit linears hold weights in "
-        f"{weights} with one FP16 scale per 128 weights. Converted with `bonsai-convert` {__version__}.",
+        f"{weights} with one FP16 scale per 128 weights. Packed with `bonsai-convert` {version}.",
         "",
     ]
-    if exact is True:
-        body += [
-            "The conversion is **exact**: every low-bit weight decodes to the trained value bit for bit.",
-            "",
-        ]
-    elif exact is False:
-        body += [
-            "The conversion is **not exact** (a lossy encoding of some weights); see `manifest.json`.",
-            "",
-        ]
-    body += ["## Size", "", *_size_table(manifest), ""]
+    if manifest.get("exact") is True:
+        body.append(
+            "The conversion is **exact**: every low-bit weight decodes to the source checkpoint's fp16 "
+            "weight bit for bit."
+        )
+    elif manifest.get("exact") is False:
+        method = manifest.get("quantize") or "a lossy projection"
+        body.append(
+            f"The conversion is **lossy**: full-precision weights were quantized with `{method}`; this is "
+            "not a trained binary/ternary model."
+        )
+    body += ["", "## Size", "", *_size_table(manifest), ""]
     if low_bit is not None or transformer_bpw is not None:
         parts = []
         if low_bit is not None:
@@ -346,22 +366,7 @@ def build_model_card(manifest: dict, verify_report: dict | None, repo_id: str) -
         "",
         "## Usage",
         "",
-        "Download the bundle and run it with the reference runtime of `bonsai-convert`:",
-        "",
-        "```bash",
-        f"hf download {repo_id} --local-dir {local_dir}",
-        f"bonsai-convert verify {local_dir}",
-        f'bonsai-convert generate {local_dir} --prompt "a bonsai tree on a wooden desk" -o image.png',
-        "```",
-        "",
-        "From Python:",
-        "",
-        "```python",
-        "from huggingface_hub import snapshot_download",
-        "",
-        f'bundle = snapshot_download("{repo_id}")',
-        "# then: bonsai-convert generate <bundle> --prompt ... -o image.png",
-        "```",
+        *_usage_section(manifest, repo_id, name),
         "",
         "## License",
         "",

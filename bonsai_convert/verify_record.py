@@ -70,12 +70,18 @@ def record_pass(bundle_dir: str | Path, report: dict) -> Path:
 
 
 def find_pass(bundle_dir: str | Path) -> dict | None:
-    """The stored report for the bundle's current manifest when it exists and passed, else None."""
-    path = record_path(bundle_dir)
+    """The stored report for the bundle's current manifest when it exists and passed, else None.
+
+    A report naming another `manifest_sha256` than the current manifest's does not count either.
+    """
+    digest = manifest_sha256(bundle_dir)
+    path = cache_dir() / "verified" / f"{digest}.json"
     try:
         report = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
-    if isinstance(report, dict) and report.get("passed") is True:
-        return report
-    return None
+    if not isinstance(report, dict) or report.get("passed") is not True:
+        return None
+    if report.get("manifest_sha256", digest) != digest:
+        return None
+    return report

@@ -13,7 +13,7 @@ from bonsai_convert.plan import describe_source, klein_4b, plan
 
 
 @pytest.mark.parametrize("variant", ["binary", "ternary"])
-@pytest.mark.parametrize("target", ["packed", "iphone", "mac"])
+@pytest.mark.parametrize("target", ["packed", "iphone", "mac", "cuda"])
 def test_plan_equals_pack_on_the_demo(demo_checkpoint, demo_bundle, variant, target):
     manifest = load_manifest(demo_bundle(variant, target))
     predicted = plan(describe_source(str(demo_checkpoint(variant))), target, variant, 64, 64)
@@ -43,9 +43,10 @@ def test_klein_4b_mlx_transformer_is_the_stock_floor_plus_headers(klein, variant
 
 
 @pytest.mark.parametrize("variant", ["binary", "ternary"])
-def test_klein_4b_packed_meets_its_limit(klein, variant):
-    report = plan(klein, "packed", variant, 1024, 1024)
-    assert report["components"]["transformer"]["bytes"] <= LIMITS["packed"][variant]
+@pytest.mark.parametrize("target", ["packed", "cuda"])
+def test_klein_4b_packed_and_cuda_meet_their_limits(klein, target, variant):
+    report = plan(klein, target, variant, 1024, 1024)
+    assert report["components"]["transformer"]["bytes"] <= LIMITS[target][variant]
     assert report["components"]["transformer"]["fp16_bytes"] == 3_875_544_576 * 2
 
 

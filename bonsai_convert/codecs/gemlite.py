@@ -48,7 +48,7 @@ def _metadata(nbits: int, group_size: int, channel_scale_mode: int, group_mode: 
 
 
 def pack_words(q: np.ndarray, nbits: int) -> np.ndarray:
-    """uint8 q [N, K] → int32 words [K/e, N] (e = 32/nbits): q[n, k] at bit (k % e)·nbits of word [k // e, n]."""
+    """uint8 q [N, K] → int32 words [K/e, N], e = 32/nbits; q[n, k] at bit (k % e)·nbits of word [k//e, n]."""
     out_features, in_features = q.shape
     if nbits == 1:
         packed = np.packbits(q, axis=1, bitorder="little")  # bit k % 8 of byte k // 8
@@ -188,7 +188,7 @@ def read_metadata(state: dict[str, np.ndarray]) -> dict[str, int]:
 
 
 def unpack_words(words: np.ndarray, nbits: int, in_features: int) -> np.ndarray:
-    """int32 words [K/e, N] → uint8 q [N, K]: q[n, k] = (words[k // e, n] >> (k % e)·nbits) & (2**nbits − 1)."""
+    """int32 words [K/e, N] → uint8 q [N, K]: q[n, k] = (words[k//e, n] >> (k % e)·nbits) & (2**nbits − 1)."""
     per_word = PACKING_BITWIDTH // nbits
     shifts = np.arange(per_word, dtype=np.uint32) * np.uint32(nbits)
     fields = (words.view(np.uint32)[:, None, :] >> shifts[None, :, None]) & np.uint32(2**nbits - 1)
@@ -204,7 +204,8 @@ def _layer(state: dict[str, np.ndarray]) -> tuple[dict[str, int], np.ndarray, np
         raise _fail(f"unsupported W_nbits {nbits} / group_size {group_size} / shape [{n}, {k}]")
     expected = {
         "scaled_activations": 0, "unpack_mask": 2**nbits - 1,
-        "elements_per_sample": PACKING_BITWIDTH // nbits, "input_dtype": DTYPE_FP16, "output_dtype": DTYPE_FP16, "meta_dtype": DTYPE_FP16, "data_contiguous": 1,
+        "elements_per_sample": PACKING_BITWIDTH // nbits, "input_dtype": DTYPE_FP16,
+        "output_dtype": DTYPE_FP16, "meta_dtype": DTYPE_FP16, "data_contiguous": 1,
     }  # fmt: skip
     for name, value in expected.items():
         if meta[name] != value:
@@ -231,7 +232,7 @@ def _layer(state: dict[str, np.ndarray]) -> tuple[dict[str, int], np.ndarray, np
 
 
 def dequantize(state: dict[str, np.ndarray]) -> np.ndarray:
-    """The fp16 weight [N, K] a gemlite fp16 layer stands for (formats/gemlite.md modes, one fp16 rounding)."""
+    """The fp16 weight [N, K] a gemlite fp16 layer stands for (formats/gemlite.md; one fp16 rounding)."""
     meta, q, scales, zeros = _layer(state)
     group_size, mode = meta["group_size"], meta["W_group_mode"]
     s = np.repeat(scales.T.astype(np.float64), group_size, axis=1)

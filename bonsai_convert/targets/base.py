@@ -41,7 +41,8 @@ class Target:
 
     name: str = ""
     safetensors_format: str = "pt"
-    quantizes_text_encoder: bool = False
+    quantizes_text_encoder: bool = False  # text encoder stored 4-bit (lossy, declared)
+    truncates_text_encoder: bool = False  # layers after the last used hidden state dropped (own runtime only)
 
     def low_bit_outputs(self, name: str, shape: tuple[int, int], variant: str) -> list[Planned]:
         raise NotImplementedError

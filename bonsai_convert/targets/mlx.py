@@ -20,6 +20,7 @@ _TEXT_QUANTIZED = re.compile(r"^model\.(embed_tokens|layers\.\d+\.(self_attn|mlp
 class MLXTarget(Target):
     safetensors_format = "mlx"
     quantizes_text_encoder = True
+    truncates_text_encoder = True
 
     def __init__(self, name: str):
         self.name = name

@@ -1,0 +1,68 @@
+"""Dispatch generation to the reference runtime of a bundle's target (runtime/ packages; they never import us)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UsageError
+
+MLX_TARGETS = ("iphone", "ipad", "mac")
+
+
+@dataclass
+class RuntimeOutput:
+    image: np.ndarray  # uint8 (H, W, 3)
+    latents: np.ndarray  # float32 (1, 128, H/16, W/16)
+    step_seconds: list[float] = field(default_factory=list)
+    peak_memory_bytes: int | None = None
+    truncated: bool = False
+    backend: str = ""
+
+
+def generate(
+    bundle: Path,
+    target: str,
+    prompt: str,
+    seed: int,
+    steps: int | None,
+    width: int | None,
+    height: int | None,
+    noise: np.ndarray | None = None,
+    dtype: str | None = None,
+    on_step=None,
+) -> RuntimeOutput:
+    """Run the target's reference runtime on a bundle."""
+    if target in MLX_TARGETS:
+        from bonsai_mlx import load_pipeline
+
+        pipeline = load_pipeline(bundle, dtype=dtype)
+        result = pipeline.generate(prompt, seed=seed, steps=steps, width=width, height=height, noise=noise,
+                                   on_step=on_step)  # fmt: skip
+        return RuntimeOutput(result.image, result.latents, result.step_seconds, result.peak_memory_bytes,
+                             result.truncated, "mlx")  # fmt: skip
+    if target == "cuda":
+        import json
+        import time
+
+        import torch
+        from bonsai_cuda import generate as cuda_generate
+        from bonsai_cuda import load_pipeline
+
+        settings = json.loads((Path(bundle) / "pipeline.json").read_text())
+        torch_dtype = getattr(torch, dtype) if dtype else None
+        pipe = load_pipeline(bundle, dtype=torch_dtype)
+        width = int(width or settings["width"])
+        height = int(height or settings["height"])
+        steps = int(steps or settings["num_inference_steps"])
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        result = cuda_generate(pipe, prompt, seed, steps, width, height, noise=noise)
+        seconds = time.perf_counter() - start
+        peak = int(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else None
+        backend = getattr(pipe, "bonsai_backend", "cuda")
+        return RuntimeOutput(result.image, result.latents, [seconds / steps] * steps, peak, False, str(backend))
+    raise UsageError(f"target {target!r} has no runtime (a packed bundle is a source: pack it for a device first)")

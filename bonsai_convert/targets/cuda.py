@@ -1,0 +1,100 @@
+"""CUDA bundles: every low-bit linear as the state dict GemLiteLinearTriton loads without re-packing."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from ..codecs import gemlite as codec
+from ..lowbit import LowBitTensor, to_fp16
+from ..safetensors_io import TensorSpec
+from .base import Planned, Target, dense_output
+
+TEXT_GROUP_SIZE = 64
+TEXT_BITS = 4
+_PART_OF = {"W_q": "low_bit_codes", "scales": "scales", "zeros": "zeros", "metadata": "metadata",
+            "orig_shape": "metadata", "meta_scale": "metadata"}  # fmt: skip
+# The Qwen3 linears (not the embedding: GemLite is a Linear kernel).
+_TEXT_LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight$")
+
+
+def quantize_affine_4bit(values: np.ndarray, group_size: int = TEXT_GROUP_SIZE) -> tuple[np.ndarray, ...]:
+    """Round-to-nearest asymmetric 4-bit per group (min/max, as MLX's affine mode): q, fp16 scales, fp16 zeros.
+
+    W ≈ (q − zero)·scale with zero = −min/scale, so GemLite's stored fma zero −zero·scale equals min.
+    """
+    rows, cols = values.shape
+    grouped = values.astype(np.float32).reshape(rows, cols // group_size, group_size)
+    low, high = grouped.min(axis=-1), grouped.max(axis=-1)
+    scales = np.maximum((high - low) / 15.0, 1e-8).astype(np.float16)
+    safe = scales.astype(np.float32)
+    zeros = (-low / safe).astype(np.float16)
+    q = np.clip(np.round(grouped / safe[..., None] + zeros.astype(np.float32)[..., None]), 0, 15)
+    return q.reshape(rows, cols).astype(np.uint8), scales, zeros
+
+
+class CudaTarget(Target):
+    name = "cuda"
+    quantizes_text_encoder = True
+    truncates_text_encoder = False  # the runtime is diffusers/transformers: every layer is kept
+
+    def low_bit_outputs(self, name: str, shape: tuple[int, int], variant: str) -> list[Planned]:
+        prefix = name[: -len(".weight")]
+        return [
+            Planned(TensorSpec(out_name, dtype, tuple(out_shape)), _PART_OF[out_name.rsplit(".", 1)[1]], name)
+            for out_name, dtype, out_shape in codec.tensor_specs(prefix, shape[0], shape[1], variant)
+        ]
+
+    def encode_low_bit(self, tensor: LowBitTensor, variant: str) -> dict[str, np.ndarray]:
+        prefix = tensor.name[: -len(".weight")]
+        state = codec.encode(tensor.codes, tensor.scales, variant)
+        return {f"{prefix}.{key}": value for key, value in state.items()}
+
+    def transformer_config(self, config: dict, variant: str, low_bit_names: list[str]) -> dict:
+        result = dict(config)
+        result["quantization"] = {
+            "format": "gemlite",
+            "W_nbits": codec.VARIANT_BITS[variant],
+            "group_size": codec.GROUP_SIZE,
+            "packing_bitwidth": codec.PACKING_BITWIDTH,
+            "variant": variant,
+        }
+        return result
+
+    def text_encoder_outputs(self, name: str, shape: tuple[int, ...], dtype: str) -> list[Planned]:
+        if not _TEXT_LINEAR.match(name) or len(shape) != 2 or shape[1] % TEXT_GROUP_SIZE or shape[1] % 32:
+            return [dense_output(name, shape, dtype)]
+        prefix = name[: -len(".weight")]
+        rows, cols = shape
+        groups = cols // TEXT_GROUP_SIZE
+        specs = {
+            "W_q": ("I32", (cols * TEXT_BITS // 32, rows)),
+            "scales": ("F16", (groups, rows)),
+            "zeros": ("F16", (groups, rows)),
+            "metadata": ("I32", (len(codec.METADATA_FIELDS),)),
+            "orig_shape": ("I32", (2,)),
+            "meta_scale": ("F32", ()),
+        }
+        return [Planned(TensorSpec(f"{prefix}.{key}", *specs[key]), _PART_OF[key], name) for key in codec.STATE_KEYS]
+
+    def encode_text_encoder(self, name: str, values: np.ndarray) -> dict[str, np.ndarray]:
+        if len(self.text_encoder_outputs(name, values.shape, "F32")) == 1:
+            return super().encode_text_encoder(name, values)
+        q, scales, zeros = quantize_affine_4bit(to_fp16(name, values))
+        state = codec.encode_affine(q, scales, zeros, TEXT_BITS, TEXT_GROUP_SIZE)
+        prefix = name[: -len(".weight")]
+        return {f"{prefix}.{key}": value for key, value in state.items()}
+
+    def text_encoder_as_shipped(self, name: str, values: np.ndarray) -> np.ndarray:
+        encoded = self.encode_text_encoder(name, values)
+        if len(encoded) == 1:
+            return encoded[name]
+        prefix = name[: -len(".weight")]
+        return codec.dequantize({key: encoded[f"{prefix}.{key}"] for key in codec.STATE_KEYS})
+
+    def text_encoder_config(self, config: dict) -> dict:
+        result = dict(config)
+        result["bonsai_quantization"] = {"format": "gemlite", "W_nbits": TEXT_BITS, "group_size": TEXT_GROUP_SIZE,
+                                         "scheme": "affine min/max round-to-nearest (MLX affine), fma zeros"}  # fmt: skip
+        return result

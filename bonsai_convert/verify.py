@@ -1,0 +1,284 @@
+"""`verify`: byte integrity, bit-exact weights, and the golden image, for every target. Never modifies the bundle."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .codecs import mlx as mlx_codec
+from .codecs import packed as packed_codec
+from .errors import BonsaiError, InputError
+from .lowbit import GROUP_SIZE, LowBitTensor, split_exact, to_fp16
+from .manifest import MANIFEST, load_manifest, safe_relative
+from .safetensors_io import SafetensorsFile, read_header
+from .source import read_json, sha256_file
+
+MLX_TARGETS = ("iphone", "ipad", "mac")
+
+
+@dataclass
+class Check:
+    name: str
+    passed: bool
+    detail: str
+
+
+@dataclass
+class VerifyOptions:
+    source: str | None = None
+    generate: bool = True
+    min_psnr: float | None = None
+    image: Path | None = None
+    dtype: str | None = None
+
+
+class Checks(list):
+    """The ordered list of checks; `add` records one and returns whether it passed."""
+
+    def add(self, name: str, passed: bool, detail: str) -> bool:
+        self.append(Check(name, bool(passed), detail))
+        return bool(passed)
+
+
+def check_integrity(bundle: Path, checks: Checks) -> dict | None:
+    """Manifest schema, safe paths, no symlinks, no unlisted or missing files, sizes, sha256, safetensors headers."""
+    try:
+        manifest = load_manifest(bundle)
+    except BonsaiError as error:
+        checks.add("manifest", False, str(error))
+        return None
+    checks.add("manifest", True, f"{MANIFEST} valid ({len(manifest['files'])} files, format {manifest['format_version']})")
+    listed = {entry["path"]: entry for entry in manifest["files"]}
+    problems: list[str] = []
+    present: set[str] = set()
+    for directory, folders, files in os.walk(bundle, followlinks=False):
+        for name in folders + files:
+            path = Path(directory) / name
+            relative = path.relative_to(bundle).as_posix()
+            if path.is_symlink():
+                problems.append(f"{relative}: is a symbolic link")
+            elif path.is_file():
+                present.add(relative)
+    present.discard(MANIFEST)
+    for relative in sorted(present - set(listed)):
+        problems.append(f"{relative}: not listed in the manifest")
+    for relative in sorted(set(listed) - present):
+        if not (bundle / relative).is_symlink():
+            problems.append(f"{relative}: listed in the manifest but missing")
+    if problems:
+        checks.add("files", False, "; ".join(problems[:3]) + (f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""))
+        return None
+    checks.add("files", True, f"{len(present)} files, no extra, none missing, no links")
+    for relative, entry in sorted(listed.items()):
+        path = bundle / relative
+        if path.stat().st_size != entry["bytes"]:
+            checks.add("sizes", False, f"{relative}: {path.stat().st_size} bytes, manifest says {entry['bytes']}")
+            return None
+    checks.add("sizes", True, "every file has its manifest size")
+    for relative in sorted(p for p in listed if p.endswith(".safetensors")):
+        try:
+            read_header(bundle / relative)
+        except InputError as error:
+            checks.add("safetensors headers", False, str(error).replace(str(bundle) + "/", ""))
+            return None
+    checks.add("safetensors headers", True, "every header follows the safetensors rules")
+    for relative, entry in sorted(listed.items()):
+        if sha256_file(bundle / relative) != entry["sha256"]:
+            checks.add("sha256", False, f"{relative}: sha256 differs from the manifest (damaged or swapped)")
+            return None
+    checks.add("sha256", True, "every file matches its sha256")
+    return manifest
+
+
+class BundleTensors:
+    """Read tensors of a bundle component by name (headers already validated)."""
+
+    def __init__(self, folder: Path):
+        self.files: dict[str, SafetensorsFile] = {}
+        for path in sorted(folder.glob("*.safetensors")):
+            handle = SafetensorsFile(path)
+            for key in handle.tensors:
+                self.files[key] = handle
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def load(self, name: str) -> np.ndarray:
+        if name not in self.files:
+            raise InputError(f"tensor {name}: missing from the bundle")
+        return np.asarray(self.files[name].load(name))
+
+    def names(self) -> list[str]:
+        return sorted(self.files)
+
+
+def decode_low_bit(tensors: BundleTensors, target: str, variant: str, name: str) -> LowBitTensor:
+    """A low-bit linear of any target back to codes and scales, with that format's own decoder."""
+    prefix = name[: -len(".weight")]
+    if target == "packed":
+        scales = tensors.load(prefix + ".scales")
+        raw = tensors.load(name)
+        if variant == "ternary" and packed_codec.invalid_ternary_bytes(raw).any():
+            raise InputError(f"tensor {name}: byte > 242 is not a valid 5-trit chunk")
+        return LowBitTensor(name, packed_codec.decode(raw, scales.shape[1] * GROUP_SIZE, variant), scales)
+    if target in MLX_TARGETS:
+        try:
+            codes, scales = mlx_codec.decode(
+                tensors.load(name), tensors.load(prefix + ".scales"), tensors.load(prefix + ".biases"), variant
+            )
+        except ValueError as error:
+            raise InputError(f"tensor {name}: {error}") from error
+        return LowBitTensor(name, codes, scales)
+    if target == "cuda":
+        from .codecs import gemlite
+
+        state = {key: tensors.load(f"{prefix}.{key}") for key in gemlite.STATE_KEYS if f"{prefix}.{key}" in tensors}
+        codes, scales = gemlite.decode(state)
+        return LowBitTensor(name, codes, scales)
+    raise InputError(f"unknown target {target!r}")
+
+
+def _digest(tensor: LowBitTensor) -> str:
+    from .pack import weight_digest
+
+    return weight_digest(tensor)
+
+
+def check_weights(bundle: Path, manifest: dict, source_spec: str | None, checks: Checks) -> None:
+    """Every low-bit tensor decodes; bit-exact vs the source (with --source) or vs the pack-time digests."""
+    tensors = BundleTensors(bundle / "transformer")
+    digests = manifest["weight_digests"]
+    target, variant = manifest["target"], manifest["variant"]
+    decoded: dict[str, LowBitTensor] = {}
+    try:
+        for name in sorted(digests):
+            decoded[name] = decode_low_bit(tensors, target, variant, name)
+    except (InputError, KeyError, ValueError) as error:
+        checks.add("low-bit decode", False, str(error))
+        return
+    checks.add("low-bit decode", True, f"{len(decoded)} low-bit linears decode ({variant}, {target} layout)")
+    if source_spec is None:
+        for name, tensor in decoded.items():
+            if _digest(tensor) != digests[name]:
+                checks.add("weights vs manifest digests", False, f"tensor {name}: decoded weights differ from pack time")
+                return
+        checks.add("weights vs manifest digests", True, "decoded fp16 weights match the digests recorded at pack time")
+        return
+    from .source import open_source
+
+    try:
+        source = open_source(source_spec)
+    except BonsaiError as error:
+        checks.add("weights vs source", False, str(error))
+        return
+    source_names = {t.name for t in source.tensors if t.low_bit}
+    if source_names != set(decoded):
+        missing = sorted(source_names ^ set(decoded))
+        checks.add("weights vs source", False, f"tensor {missing[0]}: low-bit tensor sets differ")
+        return
+    for tensor in source.tensors:
+        if tensor.low_bit:
+            reference = source.read_low_bit(tensor)
+            if not isinstance(reference, LowBitTensor):
+                reference = split_exact(tensor.name, reference, variant)
+            if not np.array_equal(decoded[tensor.name].dense(), reference.dense()):
+                checks.add("weights vs source", False, f"tensor {tensor.name}: differs from the source")
+                return
+        else:
+            stored = tensors.load(tensor.name)
+            expected = to_fp16(tensor.name, tensor.load()) if tensor.load().dtype.kind == "f" else tensor.load()
+            if not np.array_equal(stored.view(np.uint8), np.asarray(expected, dtype=stored.dtype).view(np.uint8)):
+                checks.add("weights vs source", False, f"tensor {tensor.name}: differs from the source (fp16)")
+                return
+    checks.add("weights vs source", True, f"all {len(source.tensors)} transformer tensors bit-exact vs {source_spec}")
+
+
+def psnr(reference: np.ndarray, test: np.ndarray) -> float:
+    from bonsai_common.image import psnr as common_psnr
+
+    return float(common_psnr(reference.astype(np.float64), test.astype(np.float64)))
+
+
+def side_by_side(reference: np.ndarray, bundle_image: np.ndarray, path: Path) -> None:
+    """reference | bundle | amplified difference (×8), written as PNG."""
+    from PIL import Image
+
+    difference = np.clip(np.abs(reference.astype(np.int16) - bundle_image.astype(np.int16)) * 8, 0, 255)
+    strip = np.concatenate([reference, bundle_image, difference.astype(np.uint8)], axis=1)
+    Image.fromarray(strip).save(path)
+
+
+def check_golden(bundle: Path, manifest: dict, options: VerifyOptions, checks: Checks) -> float | None:
+    """Run the target's runtime on the golden record and compare with the stored reference output."""
+    from .runtimes import generate
+
+    record = read_json(bundle / manifest["golden"])
+    for key in ("noise", "outputs"):
+        if not isinstance(record.get(key), str) or not safe_relative(record[key]):
+            raise InputError(f"{manifest['golden']}: {key} path {record.get(key)!r} is not a safe relative path")
+    noise = SafetensorsFile(bundle / record["noise"]).load("noise")
+    outputs = SafetensorsFile(bundle / record["outputs"])
+    reference_image = outputs.load("image")
+    reference_latents = outputs.load("latents")
+    dtype = options.dtype or ("float32" if record["compute_dtype"] == "float32" else None)
+    min_psnr = options.min_psnr if options.min_psnr is not None else (40.0 if dtype == "float32" else 35.0)
+    result = generate(bundle, manifest["target"], record["prompt"], record["seed"], record["steps"], record["width"],
+                      record["height"], noise=noise, dtype=dtype)  # fmt: skip
+    value = psnr(reference_image, result.image)
+    latent_error = float(np.abs(result.latents - reference_latents).max())
+    checks.add("golden image PSNR", value >= min_psnr,
+               f"{value:.2f} dB vs reference (minimum {min_psnr:g} dB, {record['width']}×{record['height']}, "
+               f"{dtype or 'bundle default'} via {result.backend}); max |Δ latents| {latent_error:.3g}")  # fmt: skip
+    mean, std = float(result.image.mean()), float(result.image.std())
+    checks.add("image sanity", mean > 5 and std > 15, f"mean {mean:.1f} > 5 and std {std:.1f} > 15 (not black, not constant)")
+    if options.image:
+        side_by_side(reference_image, result.image, options.image)
+    return value
+
+
+def verify_bundle(bundle: Path, options: VerifyOptions) -> dict:
+    """All checks; returns the report (schemas/verify_report.schema.json)."""
+    bundle = Path(bundle)
+    checks = Checks()
+    psnr_value = None
+    manifest_digest = None
+    if bundle.is_symlink() or not bundle.is_dir():
+        checks.add("bundle", False, f"{bundle}: not a bundle folder")
+        manifest = None
+    else:
+        manifest = check_integrity(bundle, checks)
+    if manifest is not None:
+        manifest_digest = hashlib.sha256((bundle / MANIFEST).read_bytes()).hexdigest()
+        check_weights(bundle, manifest, options.source, checks)
+        if all(c.passed for c in checks):
+            if not options.generate:
+                checks.add("generation", True, "not checked (--no-generate): the golden image was NOT compared")
+            elif manifest["golden"] is None:
+                checks.add("generation", True, "not checked: the bundle has no golden record (transformer-only or "
+                                               "packed with --no-golden)")  # fmt: skip
+            elif manifest["target"] == "packed":
+                checks.add("generation", True, "not checked: a packed bundle has no runtime (pack it for a device)")
+            else:
+                try:
+                    psnr_value = check_golden(bundle, manifest, options, checks)
+                except BonsaiError as error:
+                    checks.add("golden image PSNR", False, str(error))
+    return {
+        "bundle": str(bundle),
+        "target": manifest["target"] if manifest else None,
+        "variant": manifest["variant"] if manifest else None,
+        "manifest_sha256": manifest_digest,
+        "passed": all(c.passed for c in checks),
+        "psnr_db": None if psnr_value is None else round(psnr_value, 3),
+        "generation_checked": psnr_value is not None,
+        "checks": [asdict(c) for c in checks],
+    }
+
+
+def report_json(report: dict) -> str:
+    return json.dumps(report, indent=2, sort_keys=True) + "\n"
