@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -13,8 +12,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from .errors import BonsaiError, UsageError, VerifyFailed
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Pack trained binary/ternary FLUX.2 Klein models into device bundles, verify, publish.")  # fmt: skip
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Pack trained binary/ternary FLUX.2 Klein models into device bundles, verify, publish.",
+)
 console = Console(stderr=True)
 state = {"debug": False}
 
@@ -24,9 +27,13 @@ class PackProgress:
 
     def __init__(self) -> None:
         self._progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            console=console, transient=True,
-        )  # fmt: skip
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        )
         self._task = None
 
     def start(self, description: str, total: int) -> None:
@@ -73,17 +80,18 @@ def pack(
     target: str = typer.Option(..., "--target", "-t", help="packed, iphone, ipad, mac or cuda"),
     out: Path = typer.Option(..., "--out", "-o", help="Bundle folder to create."),
     variant: str = typer.Option("auto", help="auto (detect), binary or ternary"),
-    quantize: Optional[str] = typer.Option(None, help="absmean: lossy projection of full-precision weights"),
+    quantize: str | None = typer.Option(None, help="absmean: lossy projection of full-precision weights"),
     force: bool = typer.Option(False, help="Replace OUT if it exists; write even if it does not fit the device."),
     golden: bool = typer.Option(True, "--golden/--no-golden", help="Store the reference output for verify."),
-    golden_size: Optional[int] = typer.Option(None, help="Golden image size (default 64 small / 256 full-size)."),
+    golden_size: int | None = typer.Option(None, help="Golden image size (default 64 small / 256 full-size)."),
 ) -> None:
     """Pack SOURCE into a bundle for a target, with manifest and golden record."""
     from .pack import PackOptions
     from .pack import pack as run_pack
 
-    options = PackOptions(target=target, variant=variant, quantize=quantize, force=force, golden=golden,
-                          golden_size=golden_size)  # fmt: skip
+    options = PackOptions(
+        target=target, variant=variant, quantize=quantize, force=force, golden=golden, golden_size=golden_size
+    )
     manifest = run_pack(source, out, options, PackProgress())
     console.print(
         f"wrote {out}: {manifest['target']} {manifest['variant']}, {manifest['total_bytes']:,} bytes, "
@@ -108,11 +116,66 @@ def inspect(
 
 
 @app.command()
+def generate(
+    bundle: Path = typer.Argument(..., help="Bundle folder (iphone, ipad, mac or cuda)."),
+    prompt: str = typer.Option(..., help="Text prompt."),
+    out: Path = typer.Option(..., "--out", "-o", help="PNG file to write."),
+    seed: int = typer.Option(0, help="Seed of the shared numpy initial noise."),
+    steps: int | None = typer.Option(None, help="Denoising steps (default: the bundle's, 4)."),
+    size: str | None = typer.Option(None, help="WxH (default: the device profile's)."),
+    dtype: str | None = typer.Option(None, help="Compute dtype: float16 (default) or float32."),
+) -> None:
+    """Generate an image from a bundle with its target's reference runtime."""
+    import time
+
+    from PIL import Image
+    from rich.progress import Progress
+
+    from .manifest import load_manifest
+    from .plan import parse_size
+    from .runtimes import generate as run_generate
+
+    manifest = load_manifest(bundle)
+    if manifest["transformer_only"]:
+        raise UsageError(f"{bundle}: a transformer-only bundle cannot generate (no text encoder / VAE)")
+    width, height = parse_size(size, manifest["profile"])
+    if steps is not None and steps < 1:
+        raise UsageError("--steps must be at least 1")
+    total = steps or 4
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("denoising", total=total)
+        last = {"time": time.perf_counter()}
+
+        def on_step(step: int, count: int, seconds: float) -> None:
+            progress.update(
+                task, total=count, completed=step + 1, description=f"step {step + 1}/{count} ({seconds:.2f} s)"
+            )
+            last["time"] = time.perf_counter()
+
+        started = time.perf_counter()
+        result = run_generate(
+            bundle, manifest["target"], prompt, seed, steps, width, height, dtype=dtype, on_step=on_step
+        )
+    if result.truncated:
+        console.print("warning: the prompt was longer than the text encoder's 512 tokens and was truncated")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temporary = out.with_name(f".{out.name}.partial")
+    Image.fromarray(result.image).save(temporary, format="PNG")
+    temporary.replace(out)
+    per_step = ", ".join(f"{s:.2f}" for s in result.step_seconds)
+    peak = f"{result.peak_memory_bytes / 1e9:.3f} GB" if result.peak_memory_bytes else "n/a"
+    console.print(
+        f"wrote {out} ({width}×{height}, {len(result.step_seconds)} steps: {per_step} s/step; "
+        f"total {time.perf_counter() - started:.1f} s; peak memory {peak}; runtime {result.backend})"
+    )
+
+
+@app.command()
 def plan(
     target: str = typer.Option(..., "--target", "-t", help="packed, iphone, ipad, mac or cuda"),
     variant: str = typer.Option(..., help="binary or ternary"),
     model: str = typer.Option("klein-4b", help="klein-4b (built in) or a source folder/file (headers only)"),
-    size: Optional[str] = typer.Option(None, help="WxH for the memory estimate (default: the profile's)"),
+    size: str | None = typer.Option(None, help="WxH for the memory estimate (default: the profile's)"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Predict a bundle's bytes per component and its memory during generation, from shapes alone."""
@@ -142,13 +205,13 @@ def plan(
 @app.command()
 def verify(
     bundle: Path = typer.Argument(..., help="Bundle folder."),
-    source: Optional[str] = typer.Option(None, help="Compare the weights bit for bit against this source."),
-    report: Optional[Path] = typer.Option(None, help="Write the JSON report here."),
-    image: Optional[Path] = typer.Option(None, help="Write reference | bundle | difference as PNG here."),
+    source: str | None = typer.Option(None, help="Compare the weights bit for bit against this source."),
+    report: Path | None = typer.Option(None, help="Write the JSON report here."),
+    image: Path | None = typer.Option(None, help="Write reference | bundle | difference as PNG here."),
     generate: bool = typer.Option(True, "--generate/--no-generate", help="Run the golden-image check."),
     no_golden: bool = typer.Option(False, "--no-golden", help="Same as --no-generate."),
-    min_psnr: Optional[float] = typer.Option(None, help="Minimum PSNR in dB (default 40 fp32, 35 fp16)."),
-    dtype: Optional[str] = typer.Option(None, help="Runtime compute dtype (default: the golden record's)."),
+    min_psnr: float | None = typer.Option(None, help="Minimum PSNR in dB (default 40 fp32, 35 fp16)."),
+    dtype: str | None = typer.Option(None, help="Runtime compute dtype (default: the golden record's)."),
 ) -> None:
     """The release gate: integrity, bit-exact weights, and the golden image. Exit 0 only if all checks pass."""
     from rich.table import Table
@@ -157,8 +220,9 @@ def verify(
     from .verify import VerifyOptions, report_json, verify_bundle
     from .verify_record import record_pass
 
-    options = VerifyOptions(source=source, generate=generate and not no_golden, min_psnr=min_psnr, image=image,
-                            dtype=dtype)  # fmt: skip
+    options = VerifyOptions(
+        source=source, generate=generate and not no_golden, min_psnr=min_psnr, image=image, dtype=dtype
+    )
     result = verify_bundle(bundle, options)
     validate(result, "verify_report", "verify report")
     table = Table(title=f"verify {bundle}")

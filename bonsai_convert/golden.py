@@ -74,7 +74,9 @@ def write_golden(root: Path, source: Source, options, target) -> str:
     noise = initial_noise(options.golden_seed, size, size)
     pipeline = reference_pipeline(source, getattr(torch, dtype_name))
     use_shipped_text_encoder(pipeline, target)
-    output = run_reference(pipeline, options.golden_prompt, noise, 4, source.text_encoder_out_layers)
+    output = run_reference(
+        pipeline, options.golden_prompt, noise, 4, source.text_encoder_out_layers, source.max_sequence_length
+    )
     del pipeline
     folder = root / GOLDEN_DIR
     folder.mkdir()

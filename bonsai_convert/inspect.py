@@ -48,15 +48,26 @@ def size_table(title: str, components: dict, payload: dict | None, packed: dict 
         reduction = record.get("reduction")
         label = name + (" (est.)" if record.get("estimated") else "")
         packed_cell = [_size(packed["components"].get(name, {}).get("bytes"))] if packed else []
-        table.add_row(label, _size(record.get("fp16_bytes")), *packed_cell, _size(record["bytes"]),
-                      f"{reduction:.2f}×" if reduction else "—")  # fmt: skip
+        table.add_row(
+            label,
+            _size(record.get("fp16_bytes")),
+            *packed_cell,
+            _size(record["bytes"]),
+            f"{reduction:.2f}×" if reduction else "—",
+        )
         for part, size in record.get("parts", {}).items():
             if size:
                 table.add_row(f"  {part}", "", *([""] if packed else []), _size(size), "", style="dim")
     if payload:
         packed_cell = [_size(packed["payload"]["bytes"])] if packed else []
-        table.add_row("payload", _size(payload["fp16_bytes"]), *packed_cell, _size(payload["bytes"]),
-                      f"{payload['reduction']:.2f}×" if payload.get("reduction") else "—", style="bold")  # fmt: skip
+        table.add_row(
+            "payload",
+            _size(payload["fp16_bytes"]),
+            *packed_cell,
+            _size(payload["bytes"]),
+            f"{payload['reduction']:.2f}×" if payload.get("reduction") else "—",
+            style="bold",
+        )
     return table
 
 

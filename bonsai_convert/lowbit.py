@@ -88,8 +88,9 @@ def _first_bad_group(name: str, grouped: np.ndarray, bad: np.ndarray, variant: s
     values = np.unique(np.abs(grouped[row, group].astype(np.float32)))
     shown = ", ".join(f"{v:g}" for v in values[:6]) + (", ..." if len(values) > 6 else "")
     allowed = "±s" if variant == "binary" else "0 or ±s"
+    first, last = group * GROUP_SIZE, (group + 1) * GROUP_SIZE - 1
     return InputError(
-        f"{name}: not {variant}: row {row}, group {group} (weights {group * GROUP_SIZE}..{(group + 1) * GROUP_SIZE - 1})"
+        f"{name}: not {variant}: row {row}, group {group} (weights {first}..{last})"
         f" has {len(values)} distinct magnitudes [{shown}], expected {allowed}"
     )
 

@@ -63,7 +63,8 @@ def breakdown(entries: list[FileEntry]) -> dict[str, dict]:
         record["bytes"] += entry.bytes
         if name == "transformer":
             parts = record.setdefault(
-                "parts", {p: 0 for p in ("low_bit_codes", "scales", "biases", "zeros", "metadata", "fp16_tensors")}
+                "parts",
+                {p: 0 for p in ("low_bit_codes", "scales", "biases", "zeros", "metadata", "fp16_tensors")},
             )
             parts.setdefault("headers_and_configs", 0)
             parts["headers_and_configs"] += entry.bytes - sum(size for _, size in entry.tensors)
@@ -145,7 +146,16 @@ def dependency_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     versions = {}
-    for package in ("numpy", "safetensors", "torch", "diffusers", "transformers", "mlx", "mlx-lm", "huggingface-hub"):
+    for package in (
+        "numpy",
+        "safetensors",
+        "torch",
+        "diffusers",
+        "transformers",
+        "mlx",
+        "mlx-lm",
+        "huggingface-hub",
+    ):
         try:
             versions[package] = version(package)
         except PackageNotFoundError:
@@ -153,7 +163,16 @@ def dependency_versions() -> dict[str, str]:
     return versions
 
 
-def build_manifest(root: Path, source: Source, options, variant: str, profile: dict, digests, golden) -> dict:
+def build_manifest(
+    root: Path,
+    source: Source,
+    options,
+    variant: str,
+    profile: dict,
+    digests,
+    golden,
+    memory: dict | None = None,
+) -> dict:
     """Write manifest.json for the bundle at root (validated against schemas/manifest.schema.json)."""
     entries = bundle_entries(root)
     low_bit_weights = sum(numel(t.shape) for t in source.tensors if t.low_bit)
@@ -176,6 +195,7 @@ def build_manifest(root: Path, source: Source, options, variant: str, profile: d
         "low_bit_tensors": len(digests),
         "weight_digests": digests,
         "golden": golden,
+        "memory": memory,
     }
     validate(manifest, "manifest", f"{root.name}/{MANIFEST}")
     (root / MANIFEST).write_bytes(json_bytes(manifest))

@@ -18,30 +18,29 @@ def _transformer_dims(config: dict) -> tuple[int, int, int]:
     return hidden, mlp, int(config["num_attention_heads"])
 
 
-def text_encoder_activations(config: dict | None, out_layers: int, dtype_bytes: int) -> int:
-    """One layer's working set at 512 tokens + the stacked hidden states kept for the prompt embedding."""
+def text_encoder_activations(config: dict | None, out_layers: int, dtype_bytes: int, tokens: int = TEXT_TOKENS) -> int:
+    """One layer's working set at the prompt length + the stacked hidden states kept for the prompt embedding."""
     if not config:
         return 0
     hidden = int(config["hidden_size"])
     intermediate = int(config["intermediate_size"])
     heads = int(config["num_attention_heads"])
-    per_layer = TEXT_TOKENS * (4 * hidden + 3 * intermediate) + 2 * heads * TEXT_TOKENS * TEXT_TOKENS
-    return (per_layer + TEXT_TOKENS * hidden * (out_layers + 1)) * dtype_bytes
+    per_layer = tokens * (4 * hidden + 3 * intermediate) + 2 * heads * tokens * tokens
+    return (per_layer + tokens * hidden * (out_layers + 1)) * dtype_bytes
 
 
-def transformer_activations(config: dict, image_tokens: int, dtype_bytes: int) -> int:
+def transformer_activations(config: dict, image_tokens: int, dtype_bytes: int, text_tokens: int = TEXT_TOKENS) -> int:
     """The widest single-stream block: fused projection, MLP, attention scores (materialized: an upper bound)."""
     hidden, mlp, heads = _transformer_dims(config)
-    tokens = image_tokens + TEXT_TOKENS
+    tokens = image_tokens + text_tokens
     fused = 3 * hidden + 2 * mlp  # to_qkv_mlp_proj output width
     per_token = 4 * hidden + fused + mlp + hidden  # residual, norm, q/k/v after RoPE, fused out, act, to_out
     attention = 2 * heads * tokens * tokens  # scores + probabilities
-    embeddings = TEXT_TOKENS * int(config["joint_attention_dim"]) + 3 * image_tokens * int(config["in_channels"])
+    embeddings = text_tokens * int(config["joint_attention_dim"]) + 3 * image_tokens * int(config["in_channels"])
     return (tokens * per_token + attention + embeddings) * dtype_bytes
 
 
-def vae_decode_activations(vae_config: dict | None, width: int, height: int, tile: int | None,
-                           dtype_bytes: int) -> int:  # fmt: skip
+def vae_decode_activations(vae_config: dict | None, width: int, height: int, tile: int | None, dtype_bytes: int) -> int:
     """Full-resolution feature maps (3 live tensors of the last up block) + mid-block attention, per tile."""
     if not vae_config:
         return 0
@@ -54,15 +53,17 @@ def vae_decode_activations(vae_config: dict | None, width: int, height: int, til
     return (full_res + mid_attention) * dtype_bytes
 
 
-def estimate_memory(model, components: dict, profile: dict, width: int, height: int) -> dict:
+def estimate_memory(model, components: dict, profile: dict, width: int, height: int, dtype: str | None = None) -> dict:
     """Peak and mean-active bytes at width×height, the profile's budget, and whether it fits (with margin)."""
-    dtype_bytes = DTYPE_BYTES[profile["compute_dtype"]]
+    compute_dtype = dtype or profile["compute_dtype"]
+    dtype_bytes = DTYPE_BYTES[compute_dtype]
     transformer_weights = components["transformer"]["bytes"]
     vae_weights = components.get("vae", {}).get("bytes", 0)
     text_weights = components.get("text_encoder", {}).get("bytes", 0)
     image_tokens = (width // 16) * (height // 16)
-    text_act = text_encoder_activations(model.text_encoder_config, len(model.out_layers), dtype_bytes)
-    denoise_act = transformer_activations(model.transformer_config, image_tokens, dtype_bytes)
+    text_tokens = model.max_sequence_length
+    text_act = text_encoder_activations(model.text_encoder_config, len(model.out_layers), dtype_bytes, text_tokens)
+    denoise_act = transformer_activations(model.transformer_config, image_tokens, dtype_bytes, text_tokens)
     decode_act = vae_decode_activations(model.vae_config, width, height, profile["vae_tile"], dtype_bytes)
     phases = {
         "text_encoding": text_weights + text_act,
@@ -75,7 +76,7 @@ def estimate_memory(model, components: dict, profile: dict, width: int, height: 
     return {
         "width": width,
         "height": height,
-        "compute_dtype": profile["compute_dtype"],
+        "compute_dtype": compute_dtype,
         "vae_tile": profile["vae_tile"],
         "phases": phases,
         "peak_bytes": peak,

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import atomic_folder
-from .errors import InputError, UsageError
+from .errors import FitError, InputError, UsageError
 from .layout import (
     ComponentLayout,
     json_bytes,
@@ -84,7 +84,9 @@ class VariantResolver:
         return tensor
 
 
-def _component_tensors(folder: Path) -> tuple[dict[str, tuple[tuple[int, ...], str]], dict[str, SafetensorsFile]]:
+def _component_tensors(
+    folder: Path,
+) -> tuple[dict[str, tuple[tuple[int, ...], str]], dict[str, SafetensorsFile]]:
     """Shapes/dtypes and the open file of every tensor of a component folder (index or plain files)."""
     index = sorted(folder.glob("*.safetensors.index.json"))
     if index:
@@ -215,7 +217,13 @@ def bundle_text_encoder_config(config: dict, target: Target, kept: dict, out_lay
 
 
 def pipeline_settings(
-    target_name: str, variant: str, profile: dict, transformer_only: bool, out_layers, te_config: dict | None
+    target_name: str,
+    variant: str,
+    profile: dict,
+    transformer_only: bool,
+    out_layers,
+    te_config: dict | None,
+    max_sequence_length: int = 512,
 ) -> dict:
     """pipeline.json (formats/bundle.md)."""
     return {
@@ -225,7 +233,7 @@ def pipeline_settings(
         "transformer_only": transformer_only,
         "text_encoder_out_layers": list(out_layers),
         "text_encoder_num_hidden_layers": int(te_config["num_hidden_layers"]) if te_config else None,
-        "max_sequence_length": 512,
+        "max_sequence_length": max_sequence_length,
         "num_inference_steps": 4,
         "guidance_scale": 1.0,
         "width": profile["default_width"],
@@ -246,6 +254,30 @@ def copy_plain_folder(source_folder: Path, destination: Path) -> None:
         shutil.copyfile(path, destination / relative)
 
 
+def check_fit(source: Source, options: PackOptions, profile: dict) -> dict | None:
+    """Memory estimate at the profile's default size; a bundle over the device budget needs --force."""
+    from .plan import describe, plan
+
+    if profile["memory_budget_bytes"] == 0 or source.transformer_only:
+        return None
+    variant = source.packed_variant or (options.variant if options.variant != "auto" else "ternary")
+    memory = plan(
+        describe(source),
+        options.target,
+        variant,
+        profile["default_width"],
+        profile["default_height"],
+        golden=options.golden,
+    )["memory"]
+    if not memory["fits"] and not options.force:
+        raise FitError(
+            f"{source.label}: needs an estimated {memory['peak_bytes'] / 1e9:.2f} GB at "
+            f"{memory['width']}x{memory['height']}, over the {profile['name']} budget of "
+            f"{memory['budget_bytes'] / 1e9:.2f} GB (use --force to write it anyway)"
+        )
+    return memory
+
+
 def pack(source_spec: str, out: Path, options: PackOptions, progress=None) -> dict:
     """Pack SOURCE into a bundle at OUT for options.target; return the manifest."""
     from .golden import write_golden
@@ -262,6 +294,7 @@ def pack(source_spec: str, out: Path, options: PackOptions, progress=None) -> di
     source = open_source(source_spec)
     resolver = VariantResolver(options.variant, options.quantize, source.packed_variant)
     tick = progress.tick if progress else (lambda: None)
+    memory = check_fit(source, options, profile)
     te = text_encoder_plan(source, target, profile["shard_bytes"])
     if progress:
         total = len(source.tensors) + (len(te[2]) if te else 0)
@@ -285,7 +318,13 @@ def pack(source_spec: str, out: Path, options: PackOptions, progress=None) -> di
             if name in source.components:
                 copy_plain_folder(source.components[name], root / name)
         settings = pipeline_settings(
-            options.target, variant, profile, source.transformer_only, source.text_encoder_out_layers, te_config
+            options.target,
+            variant,
+            profile,
+            source.transformer_only,
+            source.text_encoder_out_layers,
+            te_config,
+            source.max_sequence_length,
         )
         (root / "pipeline.json").write_bytes(json_bytes(settings))
         golden = None
@@ -293,7 +332,7 @@ def pack(source_spec: str, out: Path, options: PackOptions, progress=None) -> di
             if progress:
                 progress.message("golden record: running the reference pipeline on the source weights")
             golden = write_golden(root, source, options, target)
-        manifest = build_manifest(root, source, options, variant, profile, digests, golden)
+        manifest = build_manifest(root, source, options, variant, profile, digests, golden, memory)
     if progress:
         progress.done()
     return manifest

@@ -38,10 +38,14 @@ Shapes = dict[str, tuple[tuple[int, ...], str]]
 # Klein 4B files we cannot read here (no weights can be downloaded): sizes of the released Qwen3 tokenizer and
 # scheduler/VAE configs, rounded. Components built from them are flagged "estimated" in the plan.
 KLEIN_4B_FIXED_FILES = {
-    "tokenizer": [("tokenizer/tokenizer.json", 11_422_654), ("tokenizer/tokenizer_config.json", 9_706),
-                  ("tokenizer/vocab.json", 2_776_833), ("tokenizer/merges.txt", 1_671_853)],
+    "tokenizer": [
+        ("tokenizer/tokenizer.json", 11_422_654),
+        ("tokenizer/tokenizer_config.json", 9_706),
+        ("tokenizer/vocab.json", 2_776_833),
+        ("tokenizer/merges.txt", 1_671_853),
+    ],
     "scheduler": [("scheduler/scheduler_config.json", 486)],
-}  # fmt: skip
+}
 KLEIN_4B_VAE_CONFIG = {
     "_class_name": "AutoencoderKLFlux2",
     "act_fn": "silu",
@@ -76,6 +80,7 @@ class ModelDescription:
     vae: Shapes | None = None
     copied_files: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
     out_layers: tuple[int, ...] = KLEIN_TEXT_ENCODER_OUT_LAYERS
+    max_sequence_length: int = 512
     estimated: tuple[str, ...] = ()
 
     @property
@@ -87,10 +92,14 @@ def klein_4b() -> ModelDescription:
     """The built-in FLUX.2 [klein] 4B description (bf16 source, as released)."""
     transformer = {name: (shape, "BF16") for name, shape in transformer_shapes(KLEIN_4B_TRANSFORMER).items()}
     text_encoder = {name: (shape, "BF16") for name, shape in text_encoder_shapes(QWEN3_4B).items()}
-    vae = {name: (shape, "F32" if name.endswith(("running_mean", "running_var")) else "BF16")
-           for name, shape in vae_shapes(KLEIN_4B_VAE_CONFIG).items()}  # fmt: skip
-    vae = {name: ((shape, "I64") if name.endswith("num_batches_tracked") else (shape, dtype))
-           for name, (shape, dtype) in vae.items()}  # fmt: skip
+    vae = {
+        name: (shape, "F32" if name.endswith(("running_mean", "running_var")) else "BF16")
+        for name, shape in vae_shapes(KLEIN_4B_VAE_CONFIG).items()
+    }
+    vae = {
+        name: ((shape, "I64") if name.endswith("num_batches_tracked") else (shape, dtype))
+        for name, (shape, dtype) in vae.items()
+    }
     return ModelDescription(
         label="klein-4b",
         transformer_config=dict(KLEIN_4B_TRANSFORMER),
@@ -106,15 +115,22 @@ def klein_4b() -> ModelDescription:
 
 def describe_source(spec: str) -> ModelDescription:
     """A source folder/file read through its headers and configs only (no tensor is loaded)."""
-    from .pack import _component_tensors
-    from .source import open_source, read_json, safe_files_under
+    from .source import open_source
 
-    source = open_source(spec)
+    return describe(open_source(spec))
+
+
+def describe(source) -> ModelDescription:
+    """The description of an opened Source (headers and configs only)."""
+    from .pack import _component_tensors
+    from .source import read_json, safe_files_under
+
     description = ModelDescription(
-        label=spec,
+        label=source.label,
         transformer_config=source.transformer_config,
         transformer={t.name: (t.shape, t.file.tensors[t.key].dtype) for t in source.tensors},
         out_layers=source.text_encoder_out_layers,
+        max_sequence_length=source.max_sequence_length,
     )
     if "text_encoder" in source.components:
         description.text_encoder_config = read_json(source.components["text_encoder"] / "config.json")
@@ -134,10 +150,13 @@ def describe_source(spec: str) -> ModelDescription:
 
 def _layout_entries(layout: ComponentLayout) -> list[FileEntry]:
     entries = [
-        FileEntry(s.path, file_size([p.spec for p in s.tensors], s.metadata),
-                  tuple(sorted((p.spec.name, p.spec.nbytes) for p in s.tensors)))
+        FileEntry(
+            s.path,
+            file_size([p.spec for p in s.tensors], s.metadata),
+            tuple(sorted((p.spec.name, p.spec.nbytes) for p in s.tensors)),
+        )
         for s in layout.shards
-    ]  # fmt: skip
+    ]
     index = layout.index_bytes()
     if index is not None and layout.index_path:
         entries.append(FileEntry(layout.index_path, len(index)))
@@ -158,9 +177,7 @@ def plan_entries(model: ModelDescription, target_name: str, variant: str, golden
     te_config = None
     if model.text_encoder is not None and model.text_encoder_config is not None:
         te_config = model.text_encoder_config
-        kept = kept_text_encoder_tensors(
-            model.text_encoder, te_config, model.out_layers, target.truncates_text_encoder
-        )
+        kept = kept_text_encoder_tensors(model.text_encoder, te_config, model.out_layers, target.truncates_text_encoder)
         entries += _layout_entries(text_encoder_layout(target, kept, shard_bytes))
         bundle_config = bundle_text_encoder_config(te_config, target, kept, model.out_layers)
         entries.append(FileEntry("text_encoder/config.json", len(json_bytes(bundle_config))))
@@ -169,14 +186,17 @@ def plan_entries(model: ModelDescription, target_name: str, variant: str, golden
         entries.append(FileEntry("vae/config.json", len(json_bytes(model.vae_config))))
     for files in model.copied_files.values():
         entries += [FileEntry(path, size) for path, size in files]
-    settings = pipeline_settings(target_name, variant, profile, model.transformer_only, model.out_layers, te_config)
+    settings = pipeline_settings(
+        target_name, variant, profile, model.transformer_only, model.out_layers, te_config, model.max_sequence_length
+    )
     entries.append(FileEntry("pipeline.json", len(json_bytes(settings))))
     if golden and not model.transformer_only:
         parameters = sum(numel(shape) for shape, _ in model.transformer.values())
         size, dtype_name = golden_settings(parameters, None)
         for path, specs in golden_file_specs(size).items():
-            entries.append(FileEntry(path, file_size(specs, {"format": "pt"}),
-                                     tuple((s.name, s.nbytes) for s in specs)))  # fmt: skip
+            entries.append(
+                FileEntry(path, file_size(specs, {"format": "pt"}), tuple((s.name, s.nbytes) for s in specs))
+            )
         record = golden_record(PackOptions(target=target_name), size, dtype_name, model.out_layers, target)
         entries.append(FileEntry(f"{GOLDEN_DIR}/golden.json", len(json_bytes(record))))
     return sorted(entries, key=lambda e: e.path)
@@ -191,8 +211,7 @@ def fp16_sizes(model: ModelDescription) -> dict[str, int]:
     return sizes
 
 
-def plan(model: ModelDescription, target_name: str, variant: str, width: int, height: int,
-         golden: bool = True) -> dict:  # fmt: skip
+def plan(model: ModelDescription, target_name: str, variant: str, width: int, height: int, golden: bool = True) -> dict:
     """The plan report: the same JSON shape as `inspect --json`, plus memory and device fit."""
     from .memory import estimate_memory
 

@@ -34,6 +34,7 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.hf_api import RepoFile
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
@@ -67,7 +68,7 @@ _PATH_RE = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _REPO_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 _UPLOAD_FAILED_RE = re.compile(r"Error while uploading '(?P<path>[^']+)' to the Hub")
-_TOKEN_LIKE_RE = re.compile(r"(hf_[A-Za-z0-9]{6,}|Bearer\s+\S+)")
+_TOKEN_LIKE_RE = re.compile(r"(hf_[A-Za-z0-9]{30,}|Bearer\s+\S+)")
 _CONNECT_ERRORS = {"ConnectError", "ConnectTimeout", "ProxyError", "UnsupportedProtocol"}
 _CHUNK = 8 * 1024 * 1024
 
@@ -187,8 +188,7 @@ def check_bundle_files(bundle_dir: str | Path, files: Iterable[BundleFile]) -> N
         _, actual_sha = _hash_file(local)
         if actual_sha != item.sha256:
             raise InputError(
-                f"{item.path}: sha256 differs from manifest.json: the file changed after verify; "
-                "re-run verify"
+                f"{item.path}: sha256 differs from manifest.json: the file changed after verify; re-run verify"
             )
 
 
@@ -216,12 +216,7 @@ def format_bytes(n: float | None) -> str:
 
 
 def _reduction(fp16_bytes: Any, size: Any) -> str:
-    if (
-        isinstance(fp16_bytes, (int, float))
-        and isinstance(size, (int, float))
-        and fp16_bytes > 0
-        and size > 0
-    ):
+    if isinstance(fp16_bytes, (int, float)) and isinstance(size, (int, float)) and fp16_bytes > 0 and size > 0:
         return f"{fp16_bytes / size:.2f}×"
     return "—"
 
@@ -241,8 +236,7 @@ def _size_table(manifest: dict) -> list[str]:
     payload = manifest.get("payload") if isinstance(manifest.get("payload"), dict) else {}
     size, fp16 = _number(payload.get("bytes")), _number(payload.get("fp16_bytes"))
     lines.append(
-        f"| **Total payload** | **{format_bytes(fp16)}** | **{format_bytes(size)}** "
-        f"| **{_reduction(fp16, size)}** |"
+        f"| **Total payload** | **{format_bytes(fp16)}** | **{format_bytes(size)}** | **{_reduction(fp16, size)}** |"
     )
     return lines
 
@@ -427,9 +421,7 @@ def _token_available(token: str | None) -> bool:
         return False
 
 
-def _remote_error(
-    exc: BaseException, *, repo_id: str, revision: str, token: str | None, endpoint: str
-) -> RemoteError:
+def _remote_error(exc: BaseException, *, repo_id: str, revision: str, token: str | None, endpoint: str) -> RemoteError:
     """One-line RemoteError for a failure while talking to the Hub (token never included)."""
     chain: list[BaseException] = []
     current: BaseException | None = exc
@@ -448,19 +440,14 @@ def _remote_error(
                 "set HF_TOKEN or run `hf auth login` with a write token"
             )
         else:
-            message = (
-                "no Hugging Face token found (HTTP 401): set HF_TOKEN or run `hf auth login` "
-                "with a write token"
-            )
+            message = "no Hugging Face token found (HTTP 401): set HF_TOKEN or run `hf auth login` with a write token"
     elif upload is not None:
         message = (
             f"upload of {upload['path']} failed ({detail}); re-run the same command to resume: "
             "files already on the Hub are not sent again"
         )
     elif status == 403:
-        message = (
-            f"the Hub refused write access to {repo_id} (HTTP 403): the token lacks write permission there"
-        )
+        message = f"the Hub refused write access to {repo_id} (HTTP 403): the token lacks write permission there"
     elif isinstance(http, RevisionNotFoundError):
         message = f"revision {revision!r} not found in {repo_id} (HTTP {status})"
     elif isinstance(http, RepositoryNotFoundError):
@@ -484,17 +471,13 @@ def _operations(bundle: Path, files: list[BundleFile], card_bytes: bytes) -> lis
     operations = [CommitOperationAdd(path_in_repo=MANIFEST_NAME, path_or_fileobj=str(bundle / MANIFEST_NAME))]
     for item in files:
         op = CommitOperationAdd(path_in_repo=item.path, path_or_fileobj=str(bundle / item.path))
-        op.upload_info.sha256 = bytes.fromhex(
-            item.sha256
-        )  # just re-hashed: spare huggingface_hub a second pass
+        op.upload_info.sha256 = bytes.fromhex(item.sha256)  # just re-hashed: spare huggingface_hub a second pass
         operations.append(op)
     operations.append(CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=card_bytes))
     return operations
 
 
-def check_remote(
-    remote: dict[str, RepoFile], bundle: Path, files: list[BundleFile], card_bytes: bytes
-) -> list[str]:
+def check_remote(remote: dict[str, RepoFile], bundle: Path, files: list[BundleFile], card_bytes: bytes) -> list[str]:
     """Compare the Hub's files with the bundle: RemoteError naming the first mismatch; returns extra paths.
 
     LFS files: size and LFS oid (= sha256 of the content). Regular (git) files: size and git blob sha1.
@@ -520,9 +503,7 @@ def check_remote(
                 )
         else:
             if isinstance(source, bytes):
-                blob = hashlib.sha1(
-                    f"blob {len(source)}\0".encode() + source, usedforsecurity=False
-                ).hexdigest()
+                blob = hashlib.sha1(f"blob {len(source)}\0".encode() + source, usedforsecurity=False).hexdigest()
             else:
                 blob = _git_blob_id(source, size)
             if entry.blob_id != blob:
@@ -578,9 +559,7 @@ def publish(
     if card_out is not None:
         card_path = Path(card_out)
         if card_path.resolve().is_relative_to(bundle.resolve()):
-            raise UsageError(
-                f"--card-out {card_path}: inside the bundle; a bundle holds only its listed files"
-            )
+            raise UsageError(f"--card-out {card_path}: inside the bundle; a bundle holds only its listed files")
         try:
             card_path.parent.mkdir(parents=True, exist_ok=True)
             card_path.write_bytes(card_bytes)
@@ -640,6 +619,6 @@ def publish(
     if result.stale_remote_files:
         console.print(
             f"[yellow]warning:[/] {repo_id} @ {rev} also holds {len(result.stale_remote_files)} file(s) "
-            f"not in this bundle (left untouched): {', '.join(result.stale_remote_files)}"
+            f"not in this bundle (left untouched): {escape(', '.join(result.stale_remote_files))}"
         )
     return result

@@ -67,7 +67,14 @@ class ReferenceOutput:
     latents: np.ndarray  # float32 (1, 128, H/16, W/16), final latents before the VAE
 
 
-def run_reference(pipeline, prompt: str, noise: np.ndarray, steps: int, out_layers: tuple[int, ...]) -> ReferenceOutput:
+def run_reference(
+    pipeline,
+    prompt: str,
+    noise: np.ndarray,
+    steps: int,
+    out_layers: tuple[int, ...],
+    max_sequence_length: int = 512,
+) -> ReferenceOutput:
     """Generate with diffusers from the given initial noise (NCHW), capturing the final latents."""
     import torch
 
@@ -89,6 +96,7 @@ def run_reference(pipeline, prompt: str, noise: np.ndarray, steps: int, out_laye
             num_inference_steps=steps,
             guidance_scale=1.0,
             text_encoder_out_layers=tuple(out_layers),
+            max_sequence_length=max_sequence_length,
             output_type="np",
             callback_on_step_end=keep_latents,
         ).images

@@ -36,13 +36,18 @@ def generate(
 ) -> RuntimeOutput:
     """Run the target's reference runtime on a bundle."""
     if target in MLX_TARGETS:
+        import mlx.core as mx
         from bonsai_mlx import load_pipeline
 
+        if dtype is None and mx.default_device() == mx.cpu:
+            dtype = "float32"  # MLX's CPU backend has no fast fp16 kernels (a 1-bit fp16 matmul is ~40x slower)
         pipeline = load_pipeline(bundle, dtype=dtype)
-        result = pipeline.generate(prompt, seed=seed, steps=steps, width=width, height=height, noise=noise,
-                                   on_step=on_step)  # fmt: skip
-        return RuntimeOutput(result.image, result.latents, result.step_seconds, result.peak_memory_bytes,
-                             result.truncated, "mlx")  # fmt: skip
+        result = pipeline.generate(
+            prompt, seed=seed, steps=steps, width=width, height=height, noise=noise, on_step=on_step
+        )
+        return RuntimeOutput(
+            result.image, result.latents, result.step_seconds, result.peak_memory_bytes, result.truncated, "mlx"
+        )
     if target == "cuda":
         import json
         import time

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -22,14 +23,36 @@ from .errors import InputError
 
 MAX_HEADER_BYTES = 100_000_000
 DTYPE_SIZES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
-}  # fmt: skip
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+}
 NUMPY_DTYPES = {
-    "BOOL": np.bool_, "U8": np.uint8, "I8": np.int8, "I16": np.int16, "U16": np.uint16, "F16": np.float16,
-    "I32": np.int32, "U32": np.uint32, "F32": np.float32, "I64": np.int64, "U64": np.uint64, "F64": np.float64,
-}  # fmt: skip
+    "BOOL": np.bool_,
+    "U8": np.uint8,
+    "I8": np.int8,
+    "I16": np.int16,
+    "U16": np.uint16,
+    "F16": np.float16,
+    "I32": np.int32,
+    "U32": np.uint32,
+    "F32": np.float32,
+    "I64": np.int64,
+    "U64": np.uint64,
+    "F64": np.float64,
+}
 DTYPE_OF_NUMPY = {np.dtype(v).str: k for k, v in NUMPY_DTYPES.items()}
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
@@ -49,10 +72,33 @@ class TensorInfo:
         return self.end - self.begin
 
 
+def strict_json_object_pairs(pairs: list[tuple[str, object]]) -> dict:
+    """json object_pairs_hook refusing duplicate keys (a duplicate would silently hide the earlier value)."""
+    result: dict = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"duplicate key {key!r}")
+        result[key] = value
+    return result
+
+
+def _refuse_constant(name: str) -> float:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def strict_json_loads(raw: bytes) -> object:
+    """Strict UTF-8 JSON: no duplicate keys, no NaN/Infinity; raises ValueError or RecursionError."""
+    text = raw.decode("utf-8")
+    return json.loads(text, object_pairs_hook=strict_json_object_pairs, parse_constant=_refuse_constant)
+
+
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Parse and validate a safetensors header; nothing else of the file is read."""
     try:
-        file_size = path.stat().st_size
+        status = os.stat(path)
+        if not stat.S_ISREG(status.st_mode):  # a FIFO or device would block or never end
+            raise InputError(f"{path}: not a regular file")
+        file_size = status.st_size
         with open(path, "rb") as handle:
             prefix = handle.read(8)
             if len(prefix) < 8:
@@ -66,9 +112,10 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     except OSError as error:
         raise InputError(f"{path}: cannot read: {error.strerror}") from error
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InputError(f"{path}: safetensors header is not valid UTF-8 JSON ({error})") from error
+        header = strict_json_loads(raw)
+    except (ValueError, RecursionError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        reason = "nested too deeply" if isinstance(error, RecursionError) else str(error)[:200]
+        raise InputError(f"{path}: safetensors header is not valid UTF-8 JSON ({reason})") from error
     if not isinstance(header, dict):
         raise InputError(f"{path}: safetensors header is not a JSON object")
     metadata = header.pop("__metadata__", {})
@@ -82,6 +129,10 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         infos[name] = _check_entry(path, name, entry, data_start)
     expected = 0
     for info in sorted(infos.values(), key=lambda i: (i.begin, i.end)):
+        if info.end > file_size:
+            raise InputError(
+                f"{path}: tensor {info.name}: data_offsets end past the end of the file ({file_size} bytes)"
+            )
         if info.begin - data_start != expected:
             problem = "overlaps the previous tensor" if info.begin - data_start < expected else "leaves a gap"
             raise InputError(f"{path}: tensor {info.name}: data_offsets {problem}")
@@ -184,7 +235,11 @@ def build_header(specs: Iterable[TensorSpec], metadata: dict[str, str] | None = 
         header["__metadata__"] = dict(sorted(metadata.items()))
     offset = 0
     for spec in sorted(specs, key=lambda s: s.name):
-        header[spec.name] = {"dtype": spec.dtype, "shape": list(spec.shape), "data_offsets": [offset, offset + spec.nbytes]}
+        header[spec.name] = {
+            "dtype": spec.dtype,
+            "shape": list(spec.shape),
+            "data_offsets": [offset, offset + spec.nbytes],
+        }
         offset += spec.nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
     encoded += b" " * (-len(encoded) % 8)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import jsonschema
@@ -13,7 +13,7 @@ from .errors import InputError
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_schema(name: str) -> dict:
     """schemas/<name>.schema.json."""
     return json.loads((SCHEMA_DIR / f"{name}.schema.json").read_text())

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import atexit
 import hashlib
-import json
+import os
 import shutil
+import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,13 +19,14 @@ import numpy as np
 from . import demo
 from .codecs import packed as packed_codec
 from .errors import InputError
-from .lowbit import GROUP_SIZE, LowBitTensor, is_low_bit_key
+from .lowbit import GROUP_SIZE, LowBitTensor, check_group_shape, is_low_bit_key
 from .model_shapes import KLEIN_4B_TRANSFORMER, KLEIN_TEXT_ENCODER_OUT_LAYERS, transformer_shapes
-from .safetensors_io import FLOAT_DTYPES, SafetensorsFile, bf16_bits_to_float32
+from .safetensors_io import FLOAT_DTYPES, SafetensorsFile, bf16_bits_to_float32, strict_json_loads
 
 BFL_PREFIX = "model.diffusion_model."
 MAX_JSON_BYTES = 10_000_000
 DEFAULT_BASE_MODEL = "black-forest-labs/FLUX.2-klein-4B"
+MAX_BFL_ROWS = 1 << 20  # far above any FLUX.2 tensor (27648 rows); bounds the row-index tensors built below
 
 
 def read_json(path: Path) -> dict:
@@ -32,14 +34,18 @@ def read_json(path: Path) -> dict:
     try:
         if path.is_symlink():
             raise InputError(f"{path}: is a symbolic link (refused)")
-        size = path.stat().st_size
-        if size > MAX_JSON_BYTES:
-            raise InputError(f"{path}: {size} bytes is too large for a config file")
-        value = json.loads(path.read_bytes().decode("utf-8"))
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):  # a FIFO or device would block or never end
+            raise InputError(f"{path}: not a regular file")
+        if info.st_size > MAX_JSON_BYTES:
+            raise InputError(f"{path}: {info.st_size} bytes is too large for a config file")
+        value = strict_json_loads(path.read_bytes())
     except FileNotFoundError as error:
         raise InputError(f"{path}: missing") from error
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InputError(f"{path}: not valid JSON ({error})") from error
+    except RecursionError as error:
+        raise InputError(f"{path}: not valid JSON (nested too deeply)") from error
+    except ValueError as error:  # UnicodeDecodeError, JSONDecodeError, duplicate keys, NaN/Infinity
+        raise InputError(f"{path}: not valid JSON ({str(error)[:200]})") from error
     except OSError as error:
         raise InputError(f"{path}: cannot read: {error.strerror}") from error
     if not isinstance(value, dict):
@@ -56,8 +62,16 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+def plain_dir(path: Path) -> bool:
+    """True if path is a real folder; a symbolic link (which could lead out of the source) is refused."""
+    if path.is_symlink():
+        raise InputError(f"{path}: is a symbolic link (refused: it may point outside the source)")
+    return path.is_dir()
+
+
 def safe_files_under(root: Path) -> list[Path]:
     """All regular files below root, refusing symlinks (nothing outside the folder is ever followed)."""
+    plain_dir(root)
     files = []
     for path in sorted(root.rglob("*")):
         if path.is_symlink():
@@ -116,6 +130,7 @@ class Source:
     packed_variant: str | None = None
     packed_exact: bool = True
     text_encoder_out_layers: tuple[int, ...] = KLEIN_TEXT_ENCODER_OUT_LAYERS
+    max_sequence_length: int = 512
     base_model: str = DEFAULT_BASE_MODEL
 
     @property
@@ -136,6 +151,8 @@ class Source:
             return tensor.load()
         scales_key = tensor.name[: -len(".weight")] + ".scales"
         scales = np.asarray(tensor.file.raw(scales_key))
+        if scales.dtype != np.float16 or scales.ndim != 2:
+            raise InputError(f"{tensor.file.path}: tensor {scales_key}: expected F16 [out, in/128]")
         in_features = scales.shape[1] * GROUP_SIZE
         codes_raw = np.asarray(tensor.file.raw(tensor.key))
         if self.packed_variant == "ternary" and packed_codec.invalid_ternary_bytes(codes_raw).any():
@@ -146,13 +163,18 @@ class Source:
         return LowBitTensor(tensor.name, codes, scales)
 
 
-def _check_klein(label: str, config: dict, tensors: dict[str, tuple[int, ...]]) -> None:
-    """Refuse a model that is not FLUX.2 Klein: every expected tensor present with its shape, nothing unknown."""
+def _check_config(label: str, config: dict) -> None:
+    """Refuse a transformer config that is not FLUX.2 Klein's model class (checked before any weight is read)."""
     class_name = config.get("_class_name", "Flux2Transformer2DModel")
     if class_name != "Flux2Transformer2DModel":
         raise InputError(f"{label}: transformer is {class_name}, not Flux2Transformer2DModel (FLUX.2 Klein)")
     if config.get("guidance_embeds", False):
         raise InputError(f"{label}: transformer has guidance_embeds (FLUX.2 dev), not a distilled FLUX.2 Klein")
+
+
+def _check_klein(label: str, config: dict, tensors: dict[str, tuple[int, ...]]) -> None:
+    """Refuse a model that is not FLUX.2 Klein: every expected tensor present with its shape, nothing unknown."""
+    _check_config(label, config)
     try:
         expected = transformer_shapes(config)
     except Exception as error:  # noqa: BLE001 - any config the model class rejects is an input error
@@ -166,6 +188,9 @@ def _check_klein(label: str, config: dict, tensors: dict[str, tuple[int, ...]]) 
     for name, shape in expected.items():
         if tuple(tensors[name]) != shape:
             raise InputError(f"{label}: tensor {name}: shape {list(tensors[name])}, expected {list(shape)}")
+    for name, shape in expected.items():
+        if is_low_bit_key(name):
+            check_group_shape(name, shape)  # before any tensor is read: in_features must be a multiple of 128
 
 
 def _open_safetensors(paths: list[Path]) -> dict[str, tuple[SafetensorsFile, str]]:
@@ -179,37 +204,61 @@ def _open_safetensors(paths: list[Path]) -> dict[str, tuple[SafetensorsFile, str
     return by_name
 
 
-def _transformer_weight_files(folder: Path) -> list[Path]:
+def _transformer_weight_files(folder: Path) -> tuple[list[Path], dict[str, str] | None, Path | None]:
+    """A component's weight files: from its index (returned too) or every *.safetensors; no links."""
     index_files = sorted(folder.glob("*.safetensors.index.json"))
+    if len(index_files) > 1:
+        raise InputError(f"{folder}: more than one *.safetensors.index.json")
     if index_files:
         index = read_json(index_files[0])
         weight_map = index.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise InputError(f"{index_files[0]}: no weight_map")
-        names = sorted(set(weight_map.values()))
-        for name in names:
-            if not isinstance(name, str) or "/" in name or name.startswith("."):
+        for name in weight_map.values():
+            if not isinstance(name, str) or "/" in name or "\\" in name or name.startswith("."):
                 raise InputError(f"{index_files[0]}: shard name {name!r} is not a plain file name")
-        paths = [folder / name for name in names]
+        paths = [folder / name for name in sorted(set(weight_map.values()))]
         for path in paths:
-            if not path.is_file() or path.is_symlink():
+            if path.is_symlink():
+                raise InputError(f"{path}: is a symbolic link (refused: it may point outside the source)")
+            if not path.is_file():
                 raise InputError(f"{path}: shard listed in {index_files[0].name} is missing")
-        return paths
+        return paths, weight_map, index_files[0]
     paths = sorted(folder.glob("*.safetensors"))
+    for path in paths:
+        if path.is_symlink():
+            raise InputError(f"{path}: is a symbolic link (refused: it may point outside the source)")
     if not paths:
         raise InputError(f"{folder}: no .safetensors weights")
-    return paths
+    return paths, None, None
+
+
+def _check_index(index_path: Path, weight_map: dict[str, str], by_name: dict[str, tuple[SafetensorsFile, str]]) -> None:
+    """The index must list exactly the tensors the shards hold, each in the shard that holds it."""
+    for key in sorted(set(weight_map) | set(by_name)):
+        if key not in by_name:
+            raise InputError(f"{index_path}: tensor {key} is listed but not in {weight_map[key]}")
+        if key not in weight_map:
+            raise InputError(f"{index_path}: tensor {key} (in {by_name[key][0].path.name}) is not listed")
+        holder = by_name[key][0].path.name
+        if holder != weight_map[key]:
+            raise InputError(f"{index_path}: tensor {key} is listed in {weight_map[key]} but is in {holder}")
 
 
 def _open_diffusers_folder(root: Path, label: str) -> Source:
     transformer_dir = root / "transformer"
+    if not plain_dir(transformer_dir):
+        raise InputError(f"{root}: no transformer/ folder (expected a diffusers-layout FLUX.2 Klein model)")
     config = read_json(transformer_dir / "config.json")
+    _check_config(str(transformer_dir / "config.json"), config)
     manifest_path = root / "manifest.json"
     packed_variant = None
     packed_exact = True
     base_model = DEFAULT_BASE_MODEL
-    if manifest_path.exists():
-        manifest = read_json(manifest_path)
+    if manifest_path.exists() or manifest_path.is_symlink():
+        from .manifest import load_manifest  # lazy: manifest imports this module
+
+        manifest = load_manifest(root)  # schema-validated, every listed path a safe relative path
         if manifest.get("target") != "packed":
             raise InputError(f"{manifest_path}: a {manifest.get('target')} bundle is not a source; use a packed bundle")
         packed_variant = manifest.get("variant")
@@ -217,19 +266,29 @@ def _open_diffusers_folder(root: Path, label: str) -> Source:
             raise InputError(f"{manifest_path}: unknown variant {packed_variant!r}")
         packed_exact = bool(manifest.get("exact", True))
         base_model = manifest.get("base_model", base_model)
-    files = _transformer_weight_files(transformer_dir)
+    files, weight_map, index_path = _transformer_weight_files(transformer_dir)
     by_name = _open_safetensors(files)
+    if weight_map is not None and index_path is not None:
+        _check_index(index_path, weight_map, by_name)
     if packed_variant:
         shapes = {}
         for key, (handle, _) in by_name.items():
-            if key.endswith(".scales"):
-                continue
             info = handle.tensors[key]
+            if key.endswith(".scales") and is_low_bit_key(key[: -len(".scales")] + ".weight"):
+                if key[: -len(".scales")] + ".weight" not in by_name:
+                    raise InputError(f"{handle.path}: tensor {key} has no low-bit .weight")
+                continue
             if is_low_bit_key(key):
                 scales = by_name.get(key[: -len(".weight")] + ".scales")
                 if scales is None:
                     raise InputError(f"{handle.path}: tensor {key} has no .scales")
-                out_features, groups = scales[0].tensors[scales[1]].shape
+                scales_info = scales[0].tensors[scales[1]]
+                if scales_info.dtype != "F16" or len(scales_info.shape) != 2 or scales_info.shape[1] == 0:
+                    raise InputError(
+                        f"{scales[0].path}: tensor {scales[1]}: expected F16 [out, in/128], "
+                        f"got {scales_info.dtype} {list(scales_info.shape)}"
+                    )
+                out_features, groups = scales_info.shape
                 shapes[key] = (out_features, groups * GROUP_SIZE)
                 expected_bytes = packed_codec.code_bytes_per_row(groups * GROUP_SIZE, packed_variant)
                 if info.dtype != "U8" or info.shape != (out_features, expected_bytes):
@@ -242,15 +301,28 @@ def _open_diffusers_folder(root: Path, label: str) -> Source:
     tensors = [SourceTensor(name, shapes[name], *by_name[name]) for name in sorted(shapes)]
     components = {}
     for name in ("text_encoder", "tokenizer", "vae", "scheduler"):
-        if (root / name).is_dir():
+        if plain_dir(root / name):
             components[name] = root / name
     all_files = list(files) + [transformer_dir / "config.json"]
     for folder in components.values():
         all_files.extend(safe_files_under(folder))
     out_layers = KLEIN_TEXT_ENCODER_OUT_LAYERS
+    max_sequence_length = 512
     for settings in (root / "bonsai_demo.json", root / "pipeline.json"):
-        if settings.exists():
-            out_layers = tuple(read_json(settings).get("text_encoder_out_layers", out_layers))
+        if settings.exists() or settings.is_symlink():
+            recorded = read_json(settings)
+            length = recorded.get("max_sequence_length", max_sequence_length)
+            if not isinstance(length, int) or isinstance(length, bool) or not 1 <= length <= 4096:
+                raise InputError(f"{settings}: max_sequence_length must be an integer in 1..4096")
+            max_sequence_length = length
+            value = recorded.get("text_encoder_out_layers", out_layers)
+            if (
+                not isinstance(value, (list, tuple))
+                or not value
+                or not all(isinstance(i, int) and not isinstance(i, bool) and 0 < i <= 1000 for i in value)
+            ):
+                raise InputError(f"{settings}: text_encoder_out_layers must list positive layer indices")
+            out_layers = tuple(value)
     kind = "packed" if packed_variant else ("diffusers" if (root / "model_index.json").exists() else "transformer-only")
     return Source(
         label=label,
@@ -263,15 +335,21 @@ def _open_diffusers_folder(root: Path, label: str) -> Source:
         packed_variant=packed_variant,
         packed_exact=packed_exact,
         text_encoder_out_layers=out_layers,
+        max_sequence_length=max_sequence_length,
         base_model=base_model,
     )
 
 
 def _bfl_config(shapes: dict[str, tuple[int, ...]]) -> dict:
-    """Infer the Flux2 config of a BFL single-file checkpoint from its tensor shapes."""
+    """Infer the Flux2 config of a BFL single file from its tensor shapes (KeyError/ValueError if odd)."""
     hidden, in_channels = shapes["img_in.weight"]
     double = {int(k.split(".")[1]) for k in shapes if k.startswith("double_blocks.")}
     single = {int(k.split(".")[1]) for k in shapes if k.startswith("single_blocks.")}
+    for kind, blocks in (("double_blocks", double), ("single_blocks", single)):
+        if blocks != set(range(len(blocks))):
+            raise ValueError(f"{kind} indices {sorted(blocks)[:8]} are not 0..{len(blocks) - 1}")
+    if hidden <= 0 or hidden % KLEIN_4B_TRANSFORMER["attention_head_dim"]:
+        raise ValueError(f"img_in.weight has {hidden} rows, not a multiple of the head dim")
     mlp_hidden = shapes["double_blocks.0.img_mlp.0.weight"][0] // 2 if double else hidden * 3
     config = dict(KLEIN_4B_TRANSFORMER)
     config.update(
@@ -292,34 +370,45 @@ def _open_bfl_file(path: Path, label: str) -> Source:
     The conversion only renames keys and splits/swaps rows along dim 0 (qkv chunking, shift/scale swap), so we run
     it on tensors holding each row's index and read the selected rows from the memory-mapped file afterwards.
     """
-    import torch
-    from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
-
-    handle = SafetensorsFile(path)
+    handle = SafetensorsFile(path)  # the header is validated before torch/diffusers are even imported
     keys = {key: key[len(BFL_PREFIX) :] if key.startswith(BFL_PREFIX) else key for key in handle.tensors}
+    if len(set(keys.values())) != len(keys):
+        raise InputError(f"{path}: the same tensor appears with and without the {BFL_PREFIX} prefix")
     shapes = {short: handle.tensors[full].shape for full, short in keys.items()}
     if "img_in.weight" not in shapes or "txt_in.weight" not in shapes:
         raise InputError(f"{path}: not a FLUX.2 BFL checkpoint (no img_in.weight / txt_in.weight)")
-    config = _bfl_config(shapes)
+    for full, short in keys.items():
+        if shapes[short] and shapes[short][0] > MAX_BFL_ROWS:
+            raise InputError(f"{path}: tensor {full}: {shapes[short][0]} rows is not a FLUX.2 tensor")
+    try:
+        config = _bfl_config(shapes)
+    except (KeyError, ValueError, TypeError, IndexError, ZeroDivisionError) as error:
+        raise InputError(f"{path}: not a FLUX.2 BFL checkpoint (cannot infer a config: {error!r})") from error
+
+    import torch
+    from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
+
     row_ids = {short: torch.arange(shape[0] if shape else 1) for short, shape in shapes.items()}
     origin = {id(t): short for short, t in row_ids.items()}
-    try:
-        converted = convert_flux2_transformer_checkpoint_to_diffusers(dict(row_ids))
-    except Exception as error:  # noqa: BLE001 - diffusers raises KeyError/ValueError on unknown keys
-        raise InputError(f"{path}: cannot map BFL keys to diffusers names ({error!r})") from error
     full_name = {short: full for full, short in keys.items()}
     mapped: dict[str, SourceTensor] = {}
-    for name, rows in converted.items():
-        source_key = origin.get(id(rows))
-        if source_key is None:
-            # A chunk/cat result: find the source tensor whose row count this selection came from.
-            source_key = _find_source_of(name, rows, shapes)
-        full = full_name[source_key]
-        source_shape = shapes[source_key]
-        row_list = tuple(int(r) for r in rows.tolist())
-        identity = row_list == tuple(range(source_shape[0] if source_shape else 1))
-        shape = (len(row_list), *source_shape[1:]) if source_shape else source_shape
-        mapped[name] = SourceTensor(name, shape, handle, full, None if identity else row_list)
+    try:
+        converted = convert_flux2_transformer_checkpoint_to_diffusers(dict(row_ids))
+        for name, rows in converted.items():
+            source_key = origin.get(id(rows))
+            if source_key is None:
+                # A chunk/cat result: find the source tensor whose row count this selection came from.
+                source_key = _find_source_of(name, rows, shapes)
+            full = full_name[source_key]
+            source_shape = shapes[source_key]
+            row_list = tuple(int(r) for r in rows.reshape(-1).tolist())
+            identity = row_list == tuple(range(source_shape[0] if source_shape else 1))
+            shape = (len(row_list), *source_shape[1:]) if source_shape else source_shape
+            mapped[name] = SourceTensor(name, shape, handle, full, None if identity else row_list)
+    except InputError as error:
+        raise InputError(f"{path}: {error}") from error
+    except Exception as error:  # noqa: BLE001 - diffusers raises KeyError/ValueError/RuntimeError on odd keys
+        raise InputError(f"{path}: cannot map BFL keys to diffusers names ({error!r})") from error
     _check_klein(str(path), config, {name: t.shape for name, t in mapped.items()})
     return Source(
         label=label,
@@ -343,13 +432,32 @@ def _find_source_of(name: str, rows, shapes: dict[str, tuple[int, ...]]) -> str:
 
 
 _DEMO_CACHE: dict[tuple[str, int], Path] = {}
+DEMO_TEMP_PREFIX = "bonsai-demo-"
+
+
+def clean_demo_leftovers() -> list[Path]:
+    """Remove demo temporary folders of killed runs (`bonsai-demo-<pid>-...` whose process is gone)."""
+    removed = []
+    for candidate in Path(tempfile.gettempdir()).glob(f"{DEMO_TEMP_PREFIX}*-*"):
+        pid_text = candidate.name[len(DEMO_TEMP_PREFIX) :].split("-", 1)[0]
+        if not pid_text.isdigit() or candidate.is_symlink() or not candidate.is_dir():
+            continue
+        try:
+            os.kill(int(pid_text), 0)
+        except ProcessLookupError:
+            shutil.rmtree(candidate, ignore_errors=True)
+            removed.append(candidate)
+        except OSError:
+            continue
+    return removed
 
 
 def _demo_folder(variant: str, seed: int) -> Path:
-    """Build the demo checkpoint once per process into a temporary folder (removed at exit)."""
+    """Build the demo checkpoint once per process in a temporary folder (removed at exit or by a later run)."""
     key = (variant, seed)
     if key not in _DEMO_CACHE:
-        folder = Path(tempfile.mkdtemp(prefix=f"bonsai-demo-{variant}-"))
+        clean_demo_leftovers()
+        folder = Path(tempfile.mkdtemp(prefix=f"{DEMO_TEMP_PREFIX}{os.getpid()}-{variant}-"))
         atexit.register(shutil.rmtree, folder, True)
         demo.write_demo(folder / "checkpoint", variant, seed)
         _DEMO_CACHE[key] = folder / "checkpoint"
@@ -371,7 +479,5 @@ def open_source(spec: str, seed: int = 0) -> Source:
             raise InputError(f"{path}: a single-file source must be a .safetensors BFL checkpoint (no pickles)")
         return _open_bfl_file(path, spec)
     if path.is_dir():
-        if not (path / "transformer").is_dir():
-            raise InputError(f"{path}: no transformer/ folder (expected a diffusers-layout FLUX.2 Klein checkpoint)")
         return _open_diffusers_folder(path, spec)
     raise InputError(f"{path}: no such file or folder")

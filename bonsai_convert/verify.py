@@ -52,7 +52,11 @@ def check_integrity(bundle: Path, checks: Checks) -> dict | None:
     except BonsaiError as error:
         checks.add("manifest", False, str(error))
         return None
-    checks.add("manifest", True, f"{MANIFEST} valid ({len(manifest['files'])} files, format {manifest['format_version']})")
+    checks.add(
+        "manifest",
+        True,
+        f"{MANIFEST} valid ({len(manifest['files'])} files, format {manifest['format_version']})",
+    )
     listed = {entry["path"]: entry for entry in manifest["files"]}
     problems: list[str] = []
     present: set[str] = set()
@@ -71,7 +75,11 @@ def check_integrity(bundle: Path, checks: Checks) -> dict | None:
         if not (bundle / relative).is_symlink():
             problems.append(f"{relative}: listed in the manifest but missing")
     if problems:
-        checks.add("files", False, "; ".join(problems[:3]) + (f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""))
+        checks.add(
+            "files",
+            False,
+            "; ".join(problems[:3]) + (f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""),
+        )
         return None
     checks.add("files", True, f"{len(present)} files, no extra, none missing, no links")
     for relative, entry in sorted(listed.items()):
@@ -129,7 +137,10 @@ def decode_low_bit(tensors: BundleTensors, target: str, variant: str, name: str)
     if target in MLX_TARGETS:
         try:
             codes, scales = mlx_codec.decode(
-                tensors.load(name), tensors.load(prefix + ".scales"), tensors.load(prefix + ".biases"), variant
+                tensors.load(name),
+                tensors.load(prefix + ".scales"),
+                tensors.load(prefix + ".biases"),
+                variant,
             )
         except ValueError as error:
             raise InputError(f"tensor {name}: {error}") from error
@@ -165,9 +176,17 @@ def check_weights(bundle: Path, manifest: dict, source_spec: str | None, checks:
     if source_spec is None:
         for name, tensor in decoded.items():
             if _digest(tensor) != digests[name]:
-                checks.add("weights vs manifest digests", False, f"tensor {name}: decoded weights differ from pack time")
+                checks.add(
+                    "weights vs manifest digests",
+                    False,
+                    f"tensor {name}: decoded weights differ from pack time",
+                )
                 return
-        checks.add("weights vs manifest digests", True, "decoded fp16 weights match the digests recorded at pack time")
+        checks.add(
+            "weights vs manifest digests",
+            True,
+            "decoded fp16 weights match the digests recorded at pack time",
+        )
         return
     from .source import open_source
 
@@ -227,15 +246,31 @@ def check_golden(bundle: Path, manifest: dict, options: VerifyOptions, checks: C
     reference_latents = outputs.load("latents")
     dtype = options.dtype or ("float32" if record["compute_dtype"] == "float32" else None)
     min_psnr = options.min_psnr if options.min_psnr is not None else (40.0 if dtype == "float32" else 35.0)
-    result = generate(bundle, manifest["target"], record["prompt"], record["seed"], record["steps"], record["width"],
-                      record["height"], noise=noise, dtype=dtype)  # fmt: skip
+    result = generate(
+        bundle,
+        manifest["target"],
+        record["prompt"],
+        record["seed"],
+        record["steps"],
+        record["width"],
+        record["height"],
+        noise=noise,
+        dtype=dtype,
+    )
     value = psnr(reference_image, result.image)
     latent_error = float(np.abs(result.latents - reference_latents).max())
-    checks.add("golden image PSNR", value >= min_psnr,
-               f"{value:.2f} dB vs reference (minimum {min_psnr:g} dB, {record['width']}×{record['height']}, "
-               f"{dtype or 'bundle default'} via {result.backend}); max |Δ latents| {latent_error:.3g}")  # fmt: skip
+    checks.add(
+        "golden image PSNR",
+        value >= min_psnr,
+        f"{value:.2f} dB vs reference (minimum {min_psnr:g} dB, {record['width']}×{record['height']}, "
+        f"{dtype or 'bundle default'} via {result.backend}); max |Δ latents| {latent_error:.3g}",
+    )
     mean, std = float(result.image.mean()), float(result.image.std())
-    checks.add("image sanity", mean > 5 and std > 15, f"mean {mean:.1f} > 5 and std {std:.1f} > 15 (not black, not constant)")
+    checks.add(
+        "image sanity",
+        mean > 5 and std > 15,
+        f"mean {mean:.1f} > 5 and std {std:.1f} > 15 (not black, not constant)",
+    )
     if options.image:
         side_by_side(reference_image, result.image, options.image)
     return value
@@ -259,8 +294,11 @@ def verify_bundle(bundle: Path, options: VerifyOptions) -> dict:
             if not options.generate:
                 checks.add("generation", True, "not checked (--no-generate): the golden image was NOT compared")
             elif manifest["golden"] is None:
-                checks.add("generation", True, "not checked: the bundle has no golden record (transformer-only or "
-                                               "packed with --no-golden)")  # fmt: skip
+                checks.add(
+                    "generation",
+                    True,
+                    "not checked: the bundle has no golden record (transformer-only or packed with --no-golden)",
+                )
             elif manifest["target"] == "packed":
                 checks.add("generation", True, "not checked: a packed bundle has no runtime (pack it for a device)")
             else:

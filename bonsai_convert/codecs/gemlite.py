@@ -41,10 +41,22 @@ METADATA_FIELDS = (
 def _metadata(nbits: int, group_size: int, channel_scale_mode: int, group_mode: int) -> np.ndarray:
     """metadata int32[12] of an fp16-in/fp16-out layer with fp16 scales and fp32 accumulation."""
     return np.array(
-        [0, nbits, group_size, 2**nbits - 1, PACKING_BITWIDTH // nbits, DTYPE_FP16, DTYPE_FP16, DTYPE_FP32,
-         DTYPE_FP16, channel_scale_mode, group_mode, 1],
+        [
+            0,
+            nbits,
+            group_size,
+            2**nbits - 1,
+            PACKING_BITWIDTH // nbits,
+            DTYPE_FP16,
+            DTYPE_FP16,
+            DTYPE_FP32,
+            DTYPE_FP16,
+            channel_scale_mode,
+            group_mode,
+            1,
+        ],
         dtype=np.int32,
-    )  # fmt: skip
+    )
 
 
 def pack_words(q: np.ndarray, nbits: int) -> np.ndarray:
@@ -79,14 +91,10 @@ def encode_affine(
         raise ValueError(f"q must be a 2-D uint8 array, got {q.dtype} {list(q.shape)}")
     out_features, in_features = q.shape
     if group_size < 16 or in_features % 32 or in_features % group_size:
-        raise ValueError(
-            f"in_features {in_features} must be divisible by 32 and the group size {group_size} (≥ 16)"
-        )
+        raise ValueError(f"in_features {in_features} must be divisible by 32 and the group size {group_size} (≥ 16)")
     groups = in_features // group_size
     if scales.dtype != np.float16 or scales.shape != (out_features, groups):
-        raise ValueError(
-            f"scales must be fp16 [{out_features}, {groups}], got {scales.dtype} {list(scales.shape)}"
-        )
+        raise ValueError(f"scales must be fp16 [{out_features}, {groups}], got {scales.dtype} {list(scales.shape)}")
     if q.size and int(q.max()) >= 2**nbits:
         raise ValueError(f"q holds {int(q.max())}, which does not fit in {nbits} bits")
     channelwise = groups == 1  # gemlite: scales.numel() == out_features
@@ -124,18 +132,14 @@ def encode(codes: np.ndarray, scales: np.ndarray, variant: str) -> dict[str, np.
     if variant not in VARIANT_BITS:
         raise ValueError(f"unknown variant {variant!r}")
     if codes.ndim != 2 or codes.dtype != np.int8 or codes.shape[1] % GROUP_SIZE:
-        raise ValueError(
-            f"codes must be int8 [N, K] with K % {GROUP_SIZE} == 0, got {codes.dtype} {list(codes.shape)}"
-        )
+        raise ValueError(f"codes must be int8 [N, K] with K % {GROUP_SIZE} == 0, got {codes.dtype} {list(codes.shape)}")
     if variant == "binary":
         if not ((codes == 1) | (codes == -1)).all():
             raise ValueError("binary codes must be -1 or +1")
         doubled = scales.astype(np.float32) * 2  # exact; representable in fp16 iff |2s| ≤ fp16 max
         if not (np.abs(doubled) <= FP16_MAX).all():
             worst = float(np.abs(scales.astype(np.float32)).max())
-            raise InputError(
-                f"binary scale {worst:g} cannot be stored as 2·s in fp16 (|s| must be ≤ {FP16_MAX / 2:g})"
-            )
+            raise InputError(f"binary scale {worst:g} cannot be stored as 2·s in fp16 (|s| must be ≤ {FP16_MAX / 2:g})")
         q = (codes > 0).astype(np.uint8)
         return encode_affine(q, doubled.astype(np.float16), np.full(scales.shape, 0.5, np.float16), 1)
     if not ((codes >= -1) & (codes <= 1)).all():
@@ -143,22 +147,27 @@ def encode(codes: np.ndarray, scales: np.ndarray, variant: str) -> dict[str, np.
     return encode_affine((codes + 1).astype(np.uint8), scales, 1, 2)
 
 
-def tensor_specs(
-    name_prefix: str, out_features: int, in_features: int, variant: str
+def affine_tensor_specs(
+    name_prefix: str, out_features: int, in_features: int, nbits: int, group_size: int, int_zero: bool
 ) -> list[tuple[str, str, tuple]]:
-    """(name, safetensors dtype, shape) of every tensor `encode` gives, named `<name_prefix>.<key>`."""
-    nbits = VARIANT_BITS[variant]
-    groups = in_features // GROUP_SIZE
+    """(name, safetensors dtype, shape) of what `encode_affine` gives (int_zero: zeros passed as an int)."""
+    groups = in_features // group_size
     shapes = {
         "W_q": ("I32", (in_features * nbits // PACKING_BITWIDTH, out_features)),
         "scales": ("F16", (groups, out_features)),
-        "zeros": ("F16", (groups, out_features)) if variant == "binary" else ("I32", ()),
+        "zeros": ("I32", ()) if int_zero else ("F16", (groups, out_features)),
         "metadata": ("I32", (len(METADATA_FIELDS),)),
         "orig_shape": ("I32", (2,)),
         "meta_scale": ("F32", ()),
     }
     prefix = name_prefix.rstrip(".")
     return [(f"{prefix}.{key}", *shapes[key]) for key in STATE_KEYS]
+
+
+def tensor_specs(name_prefix: str, out_features: int, in_features: int, variant: str) -> list[tuple[str, str, tuple]]:
+    """(name, safetensors dtype, shape) of every tensor `encode` gives, named `<name_prefix>.<key>`."""
+    nbits = VARIANT_BITS[variant]
+    return affine_tensor_specs(name_prefix, out_features, in_features, nbits, GROUP_SIZE, variant == "ternary")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -203,17 +212,20 @@ def _layer(state: dict[str, np.ndarray]) -> tuple[dict[str, int], np.ndarray, np
     if nbits not in (1, 2, 4, 8) or group_size < 16 or n <= 0 or k <= 0 or k % 32 or k % group_size:
         raise _fail(f"unsupported W_nbits {nbits} / group_size {group_size} / shape [{n}, {k}]")
     expected = {
-        "scaled_activations": 0, "unpack_mask": 2**nbits - 1,
-        "elements_per_sample": PACKING_BITWIDTH // nbits, "input_dtype": DTYPE_FP16,
-        "output_dtype": DTYPE_FP16, "meta_dtype": DTYPE_FP16, "data_contiguous": 1,
-    }  # fmt: skip
+        "scaled_activations": 0,
+        "unpack_mask": 2**nbits - 1,
+        "elements_per_sample": PACKING_BITWIDTH // nbits,
+        "input_dtype": DTYPE_FP16,
+        "output_dtype": DTYPE_FP16,
+        "meta_dtype": DTYPE_FP16,
+        "data_contiguous": 1,
+    }
     for name, value in expected.items():
         if meta[name] != value:
             raise _fail(f"metadata {name} is {meta[name]}, expected {value}")
     if (meta["channel_scale_mode"], meta["W_group_mode"]) not in ((0, 2), (0, 3), (0, 4), (1, 1)):
         raise _fail(
-            f"unsupported channel_scale_mode {meta['channel_scale_mode']}"
-            f" / W_group_mode {meta['W_group_mode']}"
+            f"unsupported channel_scale_mode {meta['channel_scale_mode']} / W_group_mode {meta['W_group_mode']}"
         )
     if (meta["channel_scale_mode"] == 1) != (k == group_size):
         raise _fail("channel_scale_mode 1 is used exactly when in_features == group_size")
@@ -225,9 +237,7 @@ def _layer(state: dict[str, np.ndarray]) -> tuple[dict[str, int], np.ndarray, np
         (zeros.dtype == np.int32 and zeros.shape == ())
         or (zeros.dtype == np.float16 and zeros.shape == (k // group_size, n))
     ):
-        raise _fail(
-            f"zeros is {zeros.dtype} {list(zeros.shape)}, expected an int32 scalar or fp16 like scales"
-        )
+        raise _fail(f"zeros is {zeros.dtype} {list(zeros.shape)}, expected an int32 scalar or fp16 like scales")
     return meta, unpack_words(words, nbits, k), scales, zeros
 
 

@@ -13,8 +13,14 @@ from .base import Planned, Target, dense_output
 
 TEXT_GROUP_SIZE = 64
 TEXT_BITS = 4
-_PART_OF = {"W_q": "low_bit_codes", "scales": "scales", "zeros": "zeros", "metadata": "metadata",
-            "orig_shape": "metadata", "meta_scale": "metadata"}  # fmt: skip
+_PART_OF = {
+    "W_q": "low_bit_codes",
+    "scales": "scales",
+    "zeros": "zeros",
+    "metadata": "metadata",
+    "orig_shape": "metadata",
+    "meta_scale": "metadata",
+}
 # The Qwen3 linears (not the embedding: GemLite is a Linear kernel).
 _TEXT_LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight$")
 
@@ -95,6 +101,10 @@ class CudaTarget(Target):
 
     def text_encoder_config(self, config: dict) -> dict:
         result = dict(config)
-        result["bonsai_quantization"] = {"format": "gemlite", "W_nbits": TEXT_BITS, "group_size": TEXT_GROUP_SIZE,
-                                         "scheme": "affine min/max round-to-nearest (MLX affine), fma zeros"}  # fmt: skip
+        result["bonsai_quantization"] = {
+            "format": "gemlite",
+            "W_nbits": TEXT_BITS,
+            "group_size": TEXT_GROUP_SIZE,
+            "scheme": "affine min/max round-to-nearest (MLX affine), fma zeros",
+        }
         return result

@@ -14,7 +14,9 @@ from .base import Planned, Target, dense_output
 TEXT_GROUP_SIZE = 64
 TEXT_BITS = 4
 # mlx-lm quantizes every Linear and the Embedding whose last dim divides the group size.
-_TEXT_QUANTIZED = re.compile(r"^model\.(embed_tokens|layers\.\d+\.(self_attn|mlp)\.\w+_proj)\.weight$|^lm_head\.weight$")
+_TEXT_QUANTIZED = re.compile(
+    r"^model\.(embed_tokens|layers\.\d+\.(self_attn|mlp)\.\w+_proj)\.weight$|^lm_head\.weight$"
+)
 
 
 class MLXTarget(Target):
@@ -44,7 +46,11 @@ class MLXTarget(Target):
     def transformer_config(self, config: dict, variant: str, low_bit_names: list[str]) -> dict:
         """mlx-lm style: the default applies to the low-bit linears; every other Linear is listed as not quantized."""
         result = dict(config)
-        quantization: dict[str, object] = {"group_size": GROUP_SIZE, "bits": codec.BITS[variant], "mode": "affine"}
+        quantization: dict[str, object] = {
+            "group_size": GROUP_SIZE,
+            "bits": codec.BITS[variant],
+            "mode": "affine",
+        }
         result["quantization"] = quantization
         result["quantized_layers"] = sorted(name[: -len(".weight")] for name in low_bit_names)
         return result
@@ -88,9 +94,12 @@ class MLXTarget(Target):
 
         prefix = name[: -len(".weight")]
         weight = mx.dequantize(
-            mx.array(encoded[name]), mx.array(encoded[f"{prefix}.scales"]), mx.array(encoded[f"{prefix}.biases"]),
-            group_size=TEXT_GROUP_SIZE, bits=TEXT_BITS,
-        )  # fmt: skip
+            mx.array(encoded[name]),
+            mx.array(encoded[f"{prefix}.scales"]),
+            mx.array(encoded[f"{prefix}.biases"]),
+            group_size=TEXT_GROUP_SIZE,
+            bits=TEXT_BITS,
+        )
         return np.array(weight)
 
     def text_encoder_config(self, config: dict) -> dict:

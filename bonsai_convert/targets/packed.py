@@ -17,10 +17,13 @@ class PackedTarget(Target):
         out_features, in_features = shape
         prefix = name[: -len(".weight")]
         return [
-            Planned(TensorSpec(name, "U8", (out_features, codec.code_bytes_per_row(in_features, variant))),
-                    "low_bit_codes", name),
+            Planned(
+                TensorSpec(name, "U8", (out_features, codec.code_bytes_per_row(in_features, variant))),
+                "low_bit_codes",
+                name,
+            ),
             Planned(TensorSpec(f"{prefix}.scales", "F16", (out_features, in_features // GROUP_SIZE)), "scales", name),
-        ]  # fmt: skip
+        ]
 
     def encode_low_bit(self, tensor: LowBitTensor, variant: str) -> dict[str, np.ndarray]:
         prefix = tensor.name[: -len(".weight")]
