@@ -1,0 +1,181 @@
+"""Low-bit linears of a CUDA (Gemlite) bundle: real GemLite layers on a GPU, a dense torch decode elsewhere.
+
+The tensors of one linear `X` are `X.W_q`, `X.scales`, `X.zeros`, `X.metadata`, `X.orig_shape` and
+`X.meta_scale`: exactly GemLiteLinearTriton.state_dict() (formats/gemlite.md). This module reads them
+with torch only.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+STATE_KEYS = ("W_q", "scales", "zeros", "metadata", "orig_shape", "meta_scale")
+PACKING_BITWIDTH = 32
+GEMLITE_FP16 = 1  # gemlite.dtypes.DType.FP16
+# (channel_scale_mode, W_group_mode) pairs a grouped fp16 layer can have.
+GROUP_MODES = {(0, 2), (0, 3), (0, 4), (1, 1)}
+
+
+class LayoutError(ValueError):
+    """The tensors of a low-bit linear do not follow formats/gemlite.md."""
+
+
+def _meta(state: dict[str, torch.Tensor], name: str) -> dict[str, int]:
+    for key in ("W_q", "scales", "metadata", "orig_shape"):
+        if key not in state:
+            raise LayoutError(f"{name}: missing tensor {name}.{key}")
+    metadata, orig_shape = state["metadata"], state["orig_shape"]
+    if metadata.dtype != torch.int32 or tuple(metadata.shape) != (12,):
+        raise LayoutError(f"{name}: metadata must be int32 [12], got {metadata.dtype} {list(metadata.shape)}")
+    if orig_shape.dtype != torch.int32 or tuple(orig_shape.shape) != (2,):
+        raise LayoutError(
+            f"{name}: orig_shape must be int32 [2], got {orig_shape.dtype} {list(orig_shape.shape)}"
+        )
+    fields = (
+        "scaled_activations", "W_nbits", "group_size", "unpack_mask", "elements_per_sample", "input_dtype",
+        "output_dtype", "acc_dtype", "meta_dtype", "channel_scale_mode", "W_group_mode", "data_contiguous",
+    )  # fmt: skip
+    meta = dict(zip(fields, (int(v) for v in metadata.tolist()), strict=True))
+    meta["out_features"], meta["in_features"] = (int(v) for v in orig_shape.tolist())
+    return meta
+
+
+def check_layout(state: dict[str, torch.Tensor], name: str = "layer") -> dict[str, int]:
+    """Validate one linear's tensors against formats/gemlite.md; return its metadata fields by name."""
+    meta = _meta(state, name)
+    nbits, group, n, k = meta["W_nbits"], meta["group_size"], meta["out_features"], meta["in_features"]
+    if nbits not in (1, 2, 4, 8) or group < 16 or n <= 0 or k <= 0 or k % 32 or k % group:
+        raise LayoutError(f"{name}: unsupported W_nbits {nbits}, group_size {group} or shape [{n}, {k}]")
+    per_word = PACKING_BITWIDTH // nbits
+    expected = {
+        "scaled_activations": 0, "unpack_mask": 2**nbits - 1, "elements_per_sample": per_word,
+        "input_dtype": GEMLITE_FP16, "output_dtype": GEMLITE_FP16, "meta_dtype": GEMLITE_FP16,
+        "data_contiguous": 1,
+    }  # fmt: skip
+    for field, value in expected.items():
+        if meta[field] != value:
+            raise LayoutError(f"{name}: metadata {field} is {meta[field]}, expected {value}")
+    if (meta["channel_scale_mode"], meta["W_group_mode"]) not in GROUP_MODES:
+        raise LayoutError(f"{name}: unsupported channel_scale_mode/W_group_mode {meta['channel_scale_mode']}/"
+                          f"{meta['W_group_mode']}")  # fmt: skip
+    shapes = {"W_q": (torch.int32, (k // per_word, n)), "scales": (torch.float16, (k // group, n))}
+    for key, (dtype, shape) in shapes.items():
+        tensor = state[key]
+        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise LayoutError(
+                f"{name}: {key} is {tensor.dtype} {list(tensor.shape)}, expected {dtype} {list(shape)}"
+            )
+    zeros = state.get("zeros")
+    if meta["W_group_mode"] != 2:
+        ok = zeros is not None and (
+            (zeros.dtype == torch.int32 and zeros.dim() == 0)
+            or (zeros.dtype == torch.float16 and tuple(zeros.shape) == (k // group, n))
+        )
+        if not ok:
+            raise LayoutError(f"{name}: zeros must be an int32 scalar or fp16 [{k // group}, {n}]")
+    return meta
+
+
+def unpack_codes(words: torch.Tensor, nbits: int, in_features: int) -> torch.Tensor:
+    """int32 [K/e, N] → int32 codes [N, K]: (n, k) = (words[k//e, n] >> (k % e)·nbits) & (2**nbits − 1)."""
+    per_word = PACKING_BITWIDTH // nbits
+    shifts = torch.arange(per_word, dtype=torch.int32, device=words.device) * nbits
+    fields = (words[:, None, :] >> shifts[None, :, None]) & (2**nbits - 1)  # [K/e, e, N]
+    return fields.reshape(in_features, words.shape[1]).t()
+
+
+def dequantize_state(state: dict[str, torch.Tensor], name: str = "layer") -> torch.Tensor:
+    """The fp16 weight [N, K] a layer's tensors stand for, computed in float64 and rounded once to fp16."""
+    meta = check_layout(state, name)
+    group, mode, k = meta["group_size"], meta["W_group_mode"], meta["in_features"]
+    q = unpack_codes(state["W_q"], meta["W_nbits"], k).to(torch.float64)
+    scales = state["scales"].to(torch.float64).t().repeat_interleave(group, dim=1)
+    zeros = state.get("zeros")
+    if zeros is not None and zeros.dim() > 0:
+        zeros = zeros.to(torch.float64).t().repeat_interleave(group, dim=1)
+    elif zeros is not None:
+        zeros = zeros.to(torch.float64)
+    if mode == 4:
+        weight = q * scales + zeros  # = the kernel's fp16 fma: exact in float64, one rounding below
+    elif mode == 2:
+        weight = q * scales
+    else:  # 3: (q − z)·s per group; 1: (q − z) with the per-channel scale s (channel_scale_mode 1)
+        weight = (q - zeros) * scales
+    return weight.to(torch.float16)
+
+
+class GemliteDecodedLinear(nn.Module):
+    """A bias-free linear whose weight is decoded once from Gemlite tensors (CPU / no-gemlite fallback)."""
+
+    def __init__(
+        self, state: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device | str, name: str = ""
+    ):
+        super().__init__()
+        weight = dequantize_state({key: value.cpu() for key, value in state.items()}, name or "layer")
+        self.out_features, self.in_features = weight.shape
+        self.weight = nn.Parameter(weight.to(device=device, dtype=dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, decoded from gemlite tensors"
+        )
+
+
+class Fp16Activations(nn.Module):
+    """Runs a GemLite fp16 layer inside a model of another dtype: activations in fp16, output cast back."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x.to(torch.float16)).to(x.dtype)
+
+
+def gemlite_available() -> bool:
+    """True when CUDA is usable and `import gemlite` works (it queries the GPU at import)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import gemlite  # noqa: F401
+    except Exception:  # gemlite raises various errors without a working GPU/triton
+        return False
+    return True
+
+
+def gemlite_layer(state: dict[str, torch.Tensor], device: torch.device | str, name: str = "") -> nn.Module:
+    """A GemLiteLinearTriton filled by load_state_dict from the stored tensors (no re-pack)."""
+    from gemlite.core import DType, GemLiteLinearTriton
+
+    meta = check_layout(state, name or "layer")
+    layer = GemLiteLinearTriton(
+        W_nbits=meta["W_nbits"],
+        group_size=meta["group_size"],
+        in_features=meta["in_features"],
+        out_features=meta["out_features"],
+        input_dtype=DType.FP16,
+        output_dtype=DType.FP16,
+    )
+    layer.load_state_dict({key: value.to(device) for key, value in state.items()})
+    return layer
+
+
+def build_linear(
+    state: dict[str, torch.Tensor],
+    backend: str,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    name: str = "",
+) -> nn.Module:
+    """The module that replaces one low-bit nn.Linear: 'gemlite' (GPU kernels) or 'decoded' (dense torch)."""
+    if backend == "gemlite":
+        layer = gemlite_layer(state, device, name)
+        return layer if dtype == torch.float16 else Fp16Activations(layer)
+    if backend == "decoded":
+        return GemliteDecodedLinear(state, dtype, device, name)
+    raise ValueError(f"unknown backend {backend!r} (expected 'gemlite' or 'decoded')")
