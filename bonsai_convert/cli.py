@@ -241,6 +241,38 @@ def verify(
     Console().print(f"[green]verified[/green] {bundle} ({psnr})")
 
 
+@app.command()
+def publish(
+    bundle: Path = typer.Argument(..., help="A verified bundle folder."),
+    repo_id: str = typer.Option(..., "--repo-id", help="ORG/NAME on the Hugging Face Hub."),
+    private: bool = typer.Option(False, help="Create the repository as private."),
+    revision: str | None = typer.Option(None, help="Branch to upload to (created if missing)."),
+    commit_message: str | None = typer.Option(None, help="Commit message."),
+    dry_run: bool = typer.Option(False, help="Build the card and print the upload plan; no network."),
+    card_out: Path | None = typer.Option(None, help="Also write the model card (README.md) here."),
+    allow_unverified: bool = typer.Option(False, help="Publish without a passing verify result (not advised)."),
+) -> None:
+    """Upload a verified bundle with its model card, then check the Hub holds exactly the manifest's bytes."""
+    from .publish import publish as run_publish
+
+    result = run_publish(
+        bundle,
+        repo_id,
+        private=private,
+        revision=revision,
+        commit_message=commit_message,
+        dry_run=dry_run,
+        card_out=card_out,
+        allow_unverified=allow_unverified,
+        console=Console(),
+    )
+    if not result.dry_run:
+        console.print(
+            f"published {len(result.files)} files ({result.total_bytes:,} bytes) to {result.repo_id}@{result.revision};"
+            " every file's size and sha256 on the Hub match the manifest"
+        )
+
+
 def main() -> None:
     """Console-script entry: run the app, turning expected errors into one line and an exit code."""
     debug = "--debug" in sys.argv[1:]

@@ -50,10 +50,16 @@ class LowBitTensor:
 
 
 def dense_from_codes(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
-    """fp16 weight = scale of the group × code (exact in fp16: codes are ±1 or 0)."""
+    """fp16 weight = scale of the group × code, exact, built on bit patterns (faster than float multiplies).
+
+    code ±1 → the scale's bits, sign flipped for −1 (so 0·(−1) = −0.0 as in IEEE); code 0 → +0.0.
+    """
     out_features, in_features = codes.shape
-    grouped = codes.reshape(out_features, in_features // GROUP_SIZE, GROUP_SIZE).astype(np.float16)
-    return (grouped * scales[:, :, None].astype(np.float16)).reshape(out_features, in_features)
+    grouped = codes.reshape(out_features, in_features // GROUP_SIZE, GROUP_SIZE)
+    scale_bits = np.ascontiguousarray(scales, dtype=np.float16).view(np.uint16)[:, :, None]
+    magnitude = np.where(grouped != 0, scale_bits, np.uint16(0)).astype(np.uint16)
+    bits = magnitude ^ ((grouped < 0).astype(np.uint16) << np.uint16(15))
+    return bits.reshape(out_features, in_features).view(np.float16)
 
 
 def to_fp16(name: str, values: np.ndarray) -> np.ndarray:
@@ -109,23 +115,25 @@ def split_exact(name: str, weight: np.ndarray, variant: str) -> LowBitTensor:
     check_group_shape(name, weight.shape)
     fp16 = to_fp16(name, weight)
     out_features, in_features = fp16.shape
-    grouped = fp16.reshape(out_features, in_features // GROUP_SIZE, GROUP_SIZE)
-    magnitude = np.abs(grouped)
-    scales = magnitude.max(axis=-1)
-    at_scale = magnitude == scales[..., None]
+    # Integer work on the fp16 bit patterns (several times faster than float ops): for finite values the
+    # magnitude bits (sign cleared) order like |w|, and ±0 is magnitude 0.
+    bits = np.ascontiguousarray(fp16).view(np.uint16).reshape(out_features, in_features // GROUP_SIZE, GROUP_SIZE)
+    magnitude = bits & np.uint16(0x7FFF)
+    scale_bits = magnitude.max(axis=-1)
+    at_scale = magnitude == scale_bits[..., None]
     if variant == "binary":
         bad = ~at_scale.all(axis=-1)
     else:
         bad = ~(at_scale | (magnitude == 0)).all(axis=-1)
     if bad.any():
+        grouped = fp16.reshape(out_features, in_features // GROUP_SIZE, GROUP_SIZE)
         raise _first_bad_group(name, grouped, bad, "binary" if variant == "binary" else "ternary")
-    negative = np.signbit(grouped)
-    if variant == "binary":
-        codes = np.where(negative, -1, 1).astype(np.int8)
-    else:
-        # A weight is zero-coded only when it is ±0 and the group's scale is not 0 (else ±s == ±0 keeps its sign).
-        zero = (magnitude == 0) & (scales[..., None] != 0)
-        codes = np.where(zero, 0, np.where(negative, -1, 1)).astype(np.int8)
+    # code = +1 − 2·sign; ternary: 0 where the weight is ±0 in a group whose scale is not 0 (else ±s == ±0 keeps
+    # its sign, so decoding reproduces −0.0 bit for bit).
+    codes = (1 - 2 * (bits >> np.uint16(15)).astype(np.int8)).astype(np.int8)
+    if variant != "binary":
+        codes[(magnitude == 0) & (scale_bits[..., None] != 0)] = 0
+    scales = scale_bits.view(np.float16)
     return LowBitTensor(name, codes.reshape(out_features, in_features), scales)
 
 

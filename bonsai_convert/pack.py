@@ -68,17 +68,21 @@ class VariantResolver:
 
     def split(self, name: str, weight_rows: Callable[[int, int], np.ndarray], rows: int) -> LowBitTensor:
         """Split a weight (read in row chunks) into codes and scales under the resolved variant."""
-        codes, scales = [], []
         variant = self.variant or "ternary"
+        codes = scales = None
         for start in range(0, rows, ROWS_PER_CHUNK):
-            chunk = weight_rows(start, min(rows, start + ROWS_PER_CHUNK))
+            stop = min(rows, start + ROWS_PER_CHUNK)
+            chunk = weight_rows(start, stop)
             if self.quantize:
                 part = quantize_absmean(name, chunk, variant)
             else:
                 part = split_exact(name, chunk, variant)
-            codes.append(part.codes)
-            scales.append(part.scales)
-        tensor = LowBitTensor(name, np.concatenate(codes), np.concatenate(scales))
+            if codes is None:  # filled in place: no list of chunks and no concatenated copy
+                codes = np.empty((rows, part.codes.shape[1]), dtype=np.int8)
+                scales = np.empty((rows, part.scales.shape[1]), dtype=np.float16)
+            codes[start:stop] = part.codes
+            scales[start:stop] = part.scales
+        tensor = LowBitTensor(name, codes, scales)
         if self.variant is None:
             self.variant = "ternary" if needs_ternary(tensor.codes) else "binary"
         return tensor
@@ -145,6 +149,16 @@ def _write_dense_component(
     _close_component(root, layout, writers)
 
 
+def write_dense_rows(writer: SafetensorsWriter, tensor) -> None:
+    """Stream a dense tensor to fp16 in row chunks (a 18432 x 3072 modulation never sits in memory whole)."""
+    if len(tensor.shape) < 2:
+        writer.write(tensor.name, encode_dense(tensor.name, tensor.load()))
+        return
+    for start in range(0, tensor.shape[0], ROWS_PER_CHUNK):
+        stop = min(tensor.shape[0], start + ROWS_PER_CHUNK)
+        writer.write_rows(tensor.name, encode_dense(tensor.name, tensor.load_rows(start, stop)), start)
+
+
 def transformer_shapes_of(source: Source) -> dict[str, tuple[tuple[int, ...], str]]:
     return {t.name: (t.shape, t.file.tensors[t.key].dtype) for t in source.tensors}
 
@@ -176,7 +190,8 @@ def write_transformer(
             digests[tensor.name] = weight_digest(lowbit)
             outputs = target.encode_low_bit(lowbit, variant)
         else:
-            outputs = {tensor.name: encode_dense(tensor.name, tensor.load())}
+            write_dense_rows(writers[tensor.name], tensor)
+            outputs = {}
         for name, array in outputs.items():
             writers[name].write(name, array)
         tick()

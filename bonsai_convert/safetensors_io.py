@@ -282,6 +282,21 @@ class SafetensorsWriter:
         self._handle.write(memoryview(data.astype(data.dtype.newbyteorder("<"), copy=False)).cast("B"))
         self._written.add(name)
 
+    def write_rows(self, name: str, rows: np.ndarray, start: int) -> None:
+        """Write rows [start, start+len(rows)) of a tensor (streaming large tensors); the tensor counts as written
+        once its last row is in."""
+        spec = self.specs.get(name)
+        data = np.asarray(rows, order="C")
+        if spec is None or name in self._written or tuple(data.shape[1:]) != spec.shape[1:]:
+            raise RuntimeError(f"{self.path}: rows of tensor {name} do not match its spec")
+        if DTYPE_OF_NUMPY.get(data.dtype.str) != spec.dtype or start + data.shape[0] > spec.shape[0]:
+            raise RuntimeError(f"{self.path}: rows of tensor {name} do not match its spec")
+        row_bytes = spec.nbytes // spec.shape[0]
+        self._handle.seek(self._offsets[name] + start * row_bytes)
+        self._handle.write(memoryview(data.astype(data.dtype.newbyteorder("<"), copy=False)).cast("B"))
+        if start + data.shape[0] == spec.shape[0]:
+            self._written.add(name)
+
     @property
     def complete(self) -> bool:
         return len(self._written) == len(self.specs)

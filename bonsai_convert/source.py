@@ -303,6 +303,12 @@ def _open_diffusers_folder(root: Path, label: str) -> Source:
     for name in ("text_encoder", "tokenizer", "vae", "scheduler"):
         if plain_dir(root / name):
             components[name] = root / name
+    for name in ("text_encoder", "vae"):  # their weights are read later by pack: validate the headers and index now
+        if name in components:
+            component_files, component_map, component_index = _transformer_weight_files(components[name])
+            component_tensors = _open_safetensors(component_files)
+            if component_map is not None and component_index is not None:
+                _check_index(component_index, component_map, component_tensors)
     all_files = list(files) + [transformer_dir / "config.json"]
     for folder in components.values():
         all_files.extend(safe_files_under(folder))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import InputError
+from . import row_blocks
 
 GROUP_SIZE = 128
 PACKING_BITWIDTH = 32
@@ -128,7 +129,20 @@ def encode(codes: np.ndarray, scales: np.ndarray, variant: str) -> dict[str, np.
     """Exact binary (A16W1) / ternary (A16W2) gemlite state of codes int8 [N, K] and fp16 scales [N, K/128].
 
     binary: q = (b+1)/2, scales 2s, zeros 0.5 (W = q·2s − s); ternary: q = t+1, scales s, zeros int 1.
+    Rows are encoded in blocks (bounded temporaries); the transposed [*, N] tensors are joined along N.
     """
+    parts = [_encode_rows(codes[rows], scales[rows], variant) for rows in row_blocks(codes.shape[0])]
+    if len(parts) == 1:
+        return parts[0]
+    state = dict(parts[0])
+    for key in ("W_q", "scales") + (("zeros",) if parts[0]["zeros"].ndim == 2 else ()):
+        state[key] = np.concatenate([part[key] for part in parts], axis=1)
+    state["orig_shape"] = np.array(codes.shape, dtype=np.int32)
+    return state
+
+
+def _encode_rows(codes: np.ndarray, scales: np.ndarray, variant: str) -> dict[str, np.ndarray]:
+    """`encode` of one block of rows."""
     if variant not in VARIANT_BITS:
         raise ValueError(f"unknown variant {variant!r}")
     if codes.ndim != 2 or codes.dtype != np.int8 or codes.shape[1] % GROUP_SIZE:

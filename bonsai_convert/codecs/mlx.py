@@ -11,6 +11,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..lowbit import GROUP_SIZE
+from . import row_blocks
 
 BITS = {"binary": 1, "ternary": 2}
 _HALF_FP16_MAX = np.float16(32752.0)  # 2·s must stay finite in fp16
@@ -20,18 +21,23 @@ def encode(name: str, codes: np.ndarray, scales: np.ndarray, variant: str) -> tu
     """int8 codes [out, in] + fp16 scales [out, in/128] → (weight uint32 [out, in·bits/32], scales, biases)."""
     bits = BITS[variant]
     out_features, in_features = codes.shape
+    if variant == "binary" and (np.abs(scales) > _HALF_FP16_MAX).any():
+        raise InputError(f"{name}: a binary scale above 32752 cannot be stored as an MLX 1-bit scale 2s in fp16")
+    words = np.empty((out_features, in_features * bits // 32), dtype="<u4")
+    for rows in row_blocks(out_features):
+        words[rows] = _pack_rows(codes[rows], variant)
+    s16 = scales.astype(np.float16)
+    mlx_scales = (s16 * np.float16(2)).astype(np.float16) if variant == "binary" else s16
+    return words.astype(np.uint32, copy=False), mlx_scales, (-s16).astype(np.float16)
+
+
+def _pack_rows(codes: np.ndarray, variant: str) -> np.ndarray:
+    """q packed LSB-first: 1-bit q = (b+1)/2, 2-bit q = t+1 (four 2-bit fields per byte); 4 bytes LE = 1 word."""
     if variant == "binary":
-        if (np.abs(scales) > _HALF_FP16_MAX).any():
-            raise InputError(f"{name}: a binary scale above 32752 cannot be stored as an MLX 1-bit scale 2s in fp16")
-        q = (codes > 0).astype(np.uint8)
-        words = np.packbits(q, axis=1, bitorder="little").view("<u4")
-        mlx_scales = (scales.astype(np.float16) * np.float16(2)).astype(np.float16)
-    else:
-        q = (codes + 1).astype(np.uint32).reshape(out_features, in_features // 16, 16)
-        words = np.bitwise_or.reduce(q << (2 * np.arange(16, dtype=np.uint32)), axis=2).astype("<u4")
-        mlx_scales = scales.astype(np.float16)
-    biases = (-scales.astype(np.float16)).astype(np.float16)
-    return words.reshape(out_features, in_features * bits // 32).astype(np.uint32), mlx_scales, biases
+        return np.packbits(codes > 0, axis=1, bitorder="little").view("<u4")
+    q = (codes + 1).astype(np.uint8).reshape(codes.shape[0], codes.shape[1] // 4, 4)
+    packed = q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)
+    return np.ascontiguousarray(packed).view("<u4")
 
 
 def unpack(weight: np.ndarray, in_features: int, bits: int) -> np.ndarray:

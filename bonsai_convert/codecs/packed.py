@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import row_blocks
+
 _POWERS_OF_3 = np.array([1, 3, 9, 27, 81], dtype=np.uint8)
 
 
@@ -20,7 +22,14 @@ def code_bytes_per_row(in_features: int, variant: str) -> int:
 
 
 def encode(codes: np.ndarray, variant: str) -> np.ndarray:
-    """int8 codes [out, in] → uint8 packed codes [out, code_bytes_per_row]."""
+    """int8 codes [out, in] → uint8 packed codes [out, code_bytes_per_row] (in row blocks)."""
+    out = np.empty((codes.shape[0], code_bytes_per_row(codes.shape[1], variant)), dtype=np.uint8)
+    for rows in row_blocks(codes.shape[0]):
+        out[rows] = _encode_rows(codes[rows], variant)
+    return out
+
+
+def _encode_rows(codes: np.ndarray, variant: str) -> np.ndarray:
     if variant == "binary":
         return np.packbits(codes > 0, axis=1, bitorder="little")
     out_features, in_features = codes.shape
