@@ -126,6 +126,7 @@ def generate(
     dtype: str | None = typer.Option(None, help="Compute dtype: float16 (default) or float32."),
 ) -> None:
     """Generate an image from a bundle with its target's reference runtime."""
+    import io
     import time
 
     from PIL import Image
@@ -159,9 +160,9 @@ def generate(
     if result.truncated:
         console.print("warning: the prompt was longer than the text encoder's 512 tokens and was truncated")
     out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = out.with_name(f".{out.name}.partial")
-    Image.fromarray(result.image).save(temporary, format="PNG")
-    temporary.replace(out)
+    buffer = io.BytesIO()
+    Image.fromarray(result.image).save(buffer, format="PNG")
+    write_atomically(out, buffer.getvalue())
     per_step = ", ".join(f"{s:.2f}" for s in result.step_seconds)
     peak = f"{result.peak_memory_bytes / 1e9:.3f} GB" if result.peak_memory_bytes else "n/a"
     console.print(
@@ -232,7 +233,7 @@ def verify(
         table.add_row(check["name"], "[green]pass[/green]" if check["passed"] else "[red]FAIL[/red]", check["detail"])
     Console().print(table)
     if report:
-        report.write_text(report_json(result))
+        write_atomically(report, report_json(result).encode())
     if not result["passed"]:
         failed = next(c for c in result["checks"] if not c["passed"])
         raise VerifyFailed(f"{bundle}: {failed['name']}: {failed['detail']}")
@@ -273,13 +274,26 @@ def publish(
         )
 
 
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write a file through a temporary sibling and a rename (never half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.partial")
+    temporary.write_bytes(data)
+    temporary.replace(path)
+
+
 def main() -> None:
     """Console-script entry: run the app, turning expected errors into one line and an exit code."""
     debug = "--debug" in sys.argv[1:]
     args = [arg for arg in sys.argv[1:] if arg != "--debug"]
     state["debug"] = debug
     try:
-        app(args=args, standalone_mode=False)
+        code = app(args=args, standalone_mode=False)
+        if code == 130:  # typer turns Ctrl-C into a return code when not in standalone mode
+            console.print("error: interrupted (no partial output was left)", markup=False)
+            sys.exit(130)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except BonsaiError as error:
         if debug:
             raise

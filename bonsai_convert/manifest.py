@@ -132,12 +132,12 @@ def numel(shape) -> int:
 
 def source_fp16_bytes(source: Source) -> dict[str, int]:
     """FP16 size of each component of the source (the baseline the reductions are measured against)."""
-    from .pack import _component_tensors
+    from .source import component_tensors
 
     sizes = {"transformer": sum(numel(t.shape) * 2 for t in source.tensors)}
     for name in ("text_encoder", "vae"):
         if name in source.components:
-            shapes, _ = _component_tensors(source.components[name])
+            shapes, _ = component_tensors(source.components[name])
             sizes[name] = sum(numel(shape) * 2 for shape, _ in shapes.values())
     return sizes
 

@@ -25,7 +25,7 @@ from .layout import (
 from .lowbit import VARIANTS, LowBitTensor, dense_from_codes, needs_ternary, quantize_absmean, split_exact
 from .profiles import profile_for
 from .safetensors_io import SafetensorsFile, SafetensorsWriter
-from .source import Source, open_source, read_json, safe_files_under
+from .source import Source, component_tensors, open_source, read_json, safe_files_under
 from .targets.base import Target, encode_dense
 
 ROWS_PER_CHUNK = 2048  # rows of a low-bit weight converted at once (bounds memory for 27648 x 3072 tensors)
@@ -88,32 +88,6 @@ class VariantResolver:
         return tensor
 
 
-def _component_tensors(
-    folder: Path,
-) -> tuple[dict[str, tuple[tuple[int, ...], str]], dict[str, SafetensorsFile]]:
-    """Shapes/dtypes and the open file of every tensor of a component folder (index or plain files)."""
-    index = sorted(folder.glob("*.safetensors.index.json"))
-    if index:
-        weight_map = read_json(index[0]).get("weight_map", {})
-        paths = sorted({folder / name for name in weight_map.values()})
-    else:
-        paths = sorted(folder.glob("*.safetensors"))
-    if not paths:
-        raise InputError(f"{folder}: no .safetensors weights")
-    files: dict[str, SafetensorsFile] = {}
-    shapes = {}
-    for path in paths:
-        if path.is_symlink() or not path.is_file():
-            raise InputError(f"{path}: missing or a symbolic link")
-        handle = SafetensorsFile(path)
-        for key, info in handle.tensors.items():
-            if key in files:
-                raise InputError(f"{path}: tensor {key} appears twice")
-            files[key] = handle
-            shapes[key] = (info.shape, info.dtype)
-    return shapes, files
-
-
 def _open_writers(root: Path, layout: ComponentLayout) -> dict[str, SafetensorsWriter]:
     writers = {}
     for shard_file in layout.shards:
@@ -144,7 +118,7 @@ def _write_dense_component(
             tick()
     except BaseException:
         for writer in writers.values():
-            writer._handle.close()
+            writer.abort()
         raise
     _close_component(root, layout, writers)
 
@@ -204,7 +178,7 @@ def write_transformer(
                 future.result()
     except BaseException:
         for writer in writers.values():
-            writer._handle.close()
+            writer.abort()
         raise
     _close_component(root, layout, writers)
     low_bit_names = [t.name for t in low_bit]
@@ -219,7 +193,7 @@ def text_encoder_plan(source: Source, target: Target, shard_bytes: int):
     if folder is None:
         return None
     config = read_json(folder / "config.json")
-    shapes, files = _component_tensors(folder)
+    shapes, files = component_tensors(folder)
     kept = kept_text_encoder_tensors(shapes, config, source.text_encoder_out_layers, target.truncates_text_encoder)
     return config, shapes, kept, text_encoder_layout(target, kept, shard_bytes), files
 
@@ -293,8 +267,26 @@ def check_fit(source: Source, options: PackOptions, profile: dict) -> dict | Non
     return memory
 
 
+def use_mmap_for_large_arrays() -> None:
+    """Keep peak memory flat across many tensors (glibc only; elsewhere a no-op).
+
+    glibc's malloc raises its mmap threshold after large frees and then serves big numpy arrays from per-thread
+    heaps, which fragment: RSS then grows with the number of tensors packed. A fixed 1 MiB threshold makes every
+    large array its own mapping, returned to the OS when freed.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return
+
+
 def pack(source_spec: str, out: Path, options: PackOptions, progress=None) -> dict:
     """Pack SOURCE into a bundle at OUT for options.target; return the manifest."""
+    use_mmap_for_large_arrays()
     from .golden import write_golden
     from .manifest import build_manifest
 
@@ -314,7 +306,7 @@ def pack(source_spec: str, out: Path, options: PackOptions, progress=None) -> di
     if progress:
         total = len(source.tensors) + (len(te[2]) if te else 0)
         if "vae" in source.components:
-            total += len(_component_tensors(source.components["vae"])[0])
+            total += len(component_tensors(source.components["vae"])[0])
         progress.start(f"packing {source_spec} → {options.target}", total)
     with atomic_folder(out, options.force) as root:
         variant, _, digests = write_transformer(root, source, target, resolver, profile["shard_bytes"], tick)
@@ -325,7 +317,7 @@ def pack(source_spec: str, out: Path, options: PackOptions, progress=None) -> di
             config = bundle_text_encoder_config(te_config, target, kept, source.text_encoder_out_layers)
             (root / "text_encoder" / "config.json").write_bytes(json_bytes(config))
         if "vae" in source.components:
-            vae_shapes, vae_files = _component_tensors(source.components["vae"])
+            vae_shapes, vae_files = component_tensors(source.components["vae"])
             (root / "vae").mkdir()
             _write_dense_component(root, vae_layout(vae_shapes), vae_files, lambda n, v: {n: encode_dense(n, v)}, tick)
             (root / "vae" / "config.json").write_bytes(json_bytes(read_json(source.components["vae"] / "config.json")))

@@ -122,8 +122,7 @@ def describe_source(spec: str) -> ModelDescription:
 
 def describe(source) -> ModelDescription:
     """The description of an opened Source (headers and configs only)."""
-    from .pack import _component_tensors
-    from .source import read_json, safe_files_under
+    from .source import component_tensors, read_json, safe_files_under
 
     description = ModelDescription(
         label=source.label,
@@ -134,10 +133,10 @@ def describe(source) -> ModelDescription:
     )
     if "text_encoder" in source.components:
         description.text_encoder_config = read_json(source.components["text_encoder"] / "config.json")
-        description.text_encoder = _component_tensors(source.components["text_encoder"])[0]
+        description.text_encoder = component_tensors(source.components["text_encoder"])[0]
     if "vae" in source.components:
         description.vae_config = read_json(source.components["vae"] / "config.json")
-        description.vae = _component_tensors(source.components["vae"])[0]
+        description.vae = component_tensors(source.components["vae"])[0]
     for name in ("tokenizer", "scheduler"):
         if name in source.components:
             folder = source.components[name]

@@ -13,6 +13,7 @@ import json
 import os
 import stat
 import struct
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -253,7 +254,8 @@ def file_size(specs: Iterable[TensorSpec], metadata: dict[str, str] | None = Non
 
 
 class SafetensorsWriter:
-    """Writes a safetensors file tensor by tensor, in any order: offsets come from the specs, fixed up front."""
+    """Writes a safetensors file tensor by tensor (or in row chunks), in any order and from several threads:
+    offsets come from the specs, fixed up front, and every write is a positional `os.pwrite`."""
 
     def __init__(self, path: Path, specs: Iterable[TensorSpec], metadata: dict[str, str] | None = None):
         self.path = Path(path)
@@ -266,50 +268,73 @@ class SafetensorsWriter:
             offset += self.specs[name].nbytes
         self._size = offset
         self._written: set[str] = set()
-        self._handle = open(self.path, "wb")
-        self._handle.write(header)
+        self._rows_done: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._closed = False
+        self._pwrite(header, 0)
 
-    def write(self, name: str, array: np.ndarray) -> None:
+    def _pwrite(self, data: bytes | memoryview, offset: int) -> None:
+        view = memoryview(data).cast("B")
+        while view.nbytes:
+            written = os.pwrite(self._fd, view, offset)
+            view, offset = view[written:], offset + written
+
+    def _check(self, name: str, data: np.ndarray, full: bool) -> TensorSpec:
         spec = self.specs.get(name)
         if spec is None or name in self._written:
             raise RuntimeError(f"{self.path}: tensor {name} is not expected here (or written twice)")
-        data = np.asarray(array, order="C")
-        if tuple(data.shape) != spec.shape or data.nbytes != spec.nbytes:
+        shape_ok = tuple(data.shape) == spec.shape if full else tuple(data.shape[1:]) == spec.shape[1:]
+        if not shape_ok:
             raise RuntimeError(f"{self.path}: tensor {name}: shape {data.shape} does not match spec {spec.shape}")
-        if spec.dtype != "BF16" and DTYPE_OF_NUMPY.get(data.dtype.str) != spec.dtype:
+        dtype = DTYPE_OF_NUMPY.get(data.dtype.str)
+        if dtype != spec.dtype and not (spec.dtype == "BF16" and dtype == "U16"):
             raise RuntimeError(f"{self.path}: tensor {name}: dtype {data.dtype} does not match spec {spec.dtype}")
-        self._handle.seek(self._offsets[name])
-        self._handle.write(memoryview(data.astype(data.dtype.newbyteorder("<"), copy=False)).cast("B"))
-        self._written.add(name)
+        return spec
+
+    @staticmethod
+    def _bytes(data: np.ndarray) -> memoryview:
+        return memoryview(np.ascontiguousarray(data.astype(data.dtype.newbyteorder("<"), copy=False)).reshape(-1))
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        """The whole tensor (bf16 tensors are given as uint16 bit patterns)."""
+        data = np.asarray(array, order="C")
+        self._check(name, data, full=True)
+        self._pwrite(self._bytes(data), self._offsets[name])
+        with self._lock:
+            self._written.add(name)
 
     def write_rows(self, name: str, rows: np.ndarray, start: int) -> None:
-        """Write rows [start, start+len(rows)) of a tensor (streaming large tensors); the tensor counts as written
-        once its last row is in."""
-        spec = self.specs.get(name)
+        """Rows [start, start+len(rows)) of a tensor (streaming); it counts as written once all rows are in."""
         data = np.asarray(rows, order="C")
-        if spec is None or name in self._written or tuple(data.shape[1:]) != spec.shape[1:]:
-            raise RuntimeError(f"{self.path}: rows of tensor {name} do not match its spec")
-        if DTYPE_OF_NUMPY.get(data.dtype.str) != spec.dtype or start + data.shape[0] > spec.shape[0]:
-            raise RuntimeError(f"{self.path}: rows of tensor {name} do not match its spec")
-        row_bytes = spec.nbytes // spec.shape[0]
-        self._handle.seek(self._offsets[name] + start * row_bytes)
-        self._handle.write(memoryview(data.astype(data.dtype.newbyteorder("<"), copy=False)).cast("B"))
-        if start + data.shape[0] == spec.shape[0]:
-            self._written.add(name)
+        spec = self._check(name, data, full=False)
+        if start < 0 or start + data.shape[0] > spec.shape[0]:
+            raise RuntimeError(f"{self.path}: rows {start}..{start + data.shape[0]} of {name} are out of range")
+        row_bytes = spec.nbytes // spec.shape[0] if spec.shape[0] else 0
+        self._pwrite(self._bytes(data), self._offsets[name] + start * row_bytes)
+        with self._lock:
+            self._rows_done[name] = self._rows_done.get(name, 0) + data.shape[0]
+            if self._rows_done[name] == spec.shape[0]:
+                self._written.add(name)
 
     @property
     def complete(self) -> bool:
         return len(self._written) == len(self.specs)
 
+    def abort(self) -> None:
+        """Close without completing (the caller removes the file)."""
+        if not self._closed:
+            self._closed = True
+            os.close(self._fd)
+
     def close(self) -> None:
         missing = sorted(set(self.specs) - self._written)
         if missing:
-            self._handle.close()
+            self.abort()
             raise RuntimeError(f"{self.path}: {len(missing)} tensors were not written (first: {missing[0]})")
-        self._handle.truncate(self._size)
-        self._handle.flush()
-        os.fsync(self._handle.fileno())
-        self._handle.close()
+        os.ftruncate(self._fd, self._size)
+        os.fsync(self._fd)
+        self.abort()
 
     def __enter__(self) -> SafetensorsWriter:
         return self
@@ -318,4 +343,4 @@ class SafetensorsWriter:
         if exc_type is None:
             self.close()
         else:
-            self._handle.close()
+            self.abort()

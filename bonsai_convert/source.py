@@ -245,6 +245,18 @@ def _check_index(index_path: Path, weight_map: dict[str, str], by_name: dict[str
             raise InputError(f"{index_path}: tensor {key} is listed in {weight_map[key]} but is in {holder}")
 
 
+def component_tensors(
+    folder: Path,
+) -> tuple[dict[str, tuple[tuple[int, ...], str]], dict[str, SafetensorsFile]]:
+    """Shapes/dtypes and the open (validated) file of every tensor of a component folder (index or plain files)."""
+    files, weight_map, index_path = _transformer_weight_files(folder)
+    by_name = _open_safetensors(files)
+    if weight_map is not None and index_path is not None:
+        _check_index(index_path, weight_map, by_name)
+    shapes = {key: (handle.tensors[key].shape, handle.tensors[key].dtype) for key, (handle, _) in by_name.items()}
+    return shapes, {key: handle for key, (handle, _) in by_name.items()}
+
+
 def _open_diffusers_folder(root: Path, label: str) -> Source:
     transformer_dir = root / "transformer"
     if not plain_dir(transformer_dir):
@@ -305,10 +317,7 @@ def _open_diffusers_folder(root: Path, label: str) -> Source:
             components[name] = root / name
     for name in ("text_encoder", "vae"):  # their weights are read later by pack: validate the headers and index now
         if name in components:
-            component_files, component_map, component_index = _transformer_weight_files(components[name])
-            component_tensors = _open_safetensors(component_files)
-            if component_map is not None and component_index is not None:
-                _check_index(component_index, component_map, component_tensors)
+            component_tensors(components[name])
     all_files = list(files) + [transformer_dir / "config.json"]
     for folder in components.values():
         all_files.extend(safe_files_under(folder))

@@ -128,6 +128,10 @@ class BundleTensors:
 def decode_low_bit(tensors: BundleTensors, target: str, variant: str, name: str) -> LowBitTensor:
     """A low-bit linear of any target back to codes and scales, with that format's own decoder."""
     prefix = name[: -len(".weight")]
+    if target != "cuda":
+        for key in (name, prefix + ".scales") + ((prefix + ".biases",) if target in MLX_TARGETS else ()):
+            if key not in tensors or len(tensors.files[key].tensors[key].shape) != 2:
+                raise InputError(f"tensor {key}: missing or not 2-D")
     if target == "packed":
         scales = tensors.load(prefix + ".scales")
         raw = tensors.load(name)
@@ -169,8 +173,8 @@ def check_weights(bundle: Path, manifest: dict, source_spec: str | None, checks:
     try:
         for name in sorted(digests):
             decoded[name] = decode_low_bit(tensors, target, variant, name)
-    except (InputError, KeyError, ValueError) as error:
-        checks.add("low-bit decode", False, str(error))
+    except (InputError, KeyError, ValueError, IndexError, TypeError) as error:
+        checks.add("low-bit decode", False, f"{error}")
         return
     checks.add("low-bit decode", True, f"{len(decoded)} low-bit linears decode ({variant}, {target} layout)")
     if source_spec is None:
@@ -224,12 +228,14 @@ def psnr(reference: np.ndarray, test: np.ndarray) -> float:
 
 
 def side_by_side(reference: np.ndarray, bundle_image: np.ndarray, path: Path) -> None:
-    """reference | bundle | amplified difference (×8), written as PNG."""
+    """reference | bundle | amplified difference (×8), written as PNG (through a temporary file)."""
     from PIL import Image
 
     difference = np.clip(np.abs(reference.astype(np.int16) - bundle_image.astype(np.int16)) * 8, 0, 255)
     strip = np.concatenate([reference, bundle_image, difference.astype(np.uint8)], axis=1)
-    Image.fromarray(strip).save(path)
+    temporary = path.with_name(f".{path.name}.partial")
+    Image.fromarray(strip).save(temporary, format="PNG")
+    temporary.replace(path)
 
 
 def check_golden(bundle: Path, manifest: dict, options: VerifyOptions, checks: Checks) -> float | None:
@@ -240,7 +246,7 @@ def check_golden(bundle: Path, manifest: dict, options: VerifyOptions, checks: C
     for key in ("noise", "outputs"):
         if not isinstance(record.get(key), str) or not safe_relative(record[key]):
             raise InputError(f"{manifest['golden']}: {key} path {record.get(key)!r} is not a safe relative path")
-    noise = SafetensorsFile(bundle / record["noise"]).load("noise")
+    noise = np.array(SafetensorsFile(bundle / record["noise"]).load("noise"))
     outputs = SafetensorsFile(bundle / record["outputs"])
     reference_image = outputs.load("image")
     reference_latents = outputs.load("latents")

@@ -66,12 +66,8 @@ def write_tensor(writer: SafetensorsWriter, name: str, shape: tuple[int, ...], v
     rng = tensor_rng(seed, name)
     if is_low_bit_key(name):
         rows, cols = shape
-        offset = writer._offsets[name]
-        writer._handle.seek(offset)
         for start in range(0, rows, ROWS_PER_CHUNK):
-            chunk = low_bit_rows(rng, min(ROWS_PER_CHUNK, rows - start), cols, variant)
-            writer._handle.write(chunk.astype("<u2").tobytes())
-        writer._written.add(name)
+            writer.write_rows(name, low_bit_rows(rng, min(ROWS_PER_CHUNK, rows - start), cols, variant), start)
     else:
         writer.write(name, dense_rows(rng, name, shape))
 
@@ -83,8 +79,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-layers", type=int, default=KLEIN_4B_TRANSFORMER["num_layers"])
     parser.add_argument("--num-single-layers", type=int, default=KLEIN_4B_TRANSFORMER["num_single_layers"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--num-attention-heads",
+        type=int,
+        default=KLEIN_4B_TRANSFORMER["num_attention_heads"],
+        help="width = heads x 128 (default 24: the real 3072; tests use fewer)",
+    )
     args = parser.parse_args(argv)
-    config = dict(KLEIN_4B_TRANSFORMER, num_layers=args.num_layers, num_single_layers=args.num_single_layers)
+    config = dict(
+        KLEIN_4B_TRANSFORMER,
+        num_layers=args.num_layers,
+        num_single_layers=args.num_single_layers,
+        num_attention_heads=args.num_attention_heads,
+    )
     shapes = transformer_shapes(config)
     planned = [Planned(TensorSpec(n, "BF16", s), "", n) for n, s in sorted(shapes.items())]
     total = sum(p.spec.nbytes for p in planned)
@@ -94,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         return 4
     free = shutil.disk_usage(args.out.parent if args.out.parent.exists() else Path.cwd()).free
     if free < total * 1.05:
-        print(f"error: {args.out}: needs {total / 1e9:.2f} GB of free disk, only {free / 1e9:.2f} GB free", file=sys.stderr)
+        needed, available = total / 1e9, free / 1e9
+        print(f"error: {args.out}: needs {needed:.2f} GB of free disk, only {available:.2f} GB free", file=sys.stderr)
         return 4
     folder.mkdir(parents=True)
     groups = shard(planned, SHARD_BYTES)

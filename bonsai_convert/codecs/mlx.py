@@ -50,8 +50,16 @@ def unpack(weight: np.ndarray, in_features: int, bits: int) -> np.ndarray:
 
 def decode(weight: np.ndarray, scales: np.ndarray, biases: np.ndarray, variant: str) -> tuple[np.ndarray, np.ndarray]:
     """Back to (int8 codes, fp16 group scales s); raises ValueError if scales/biases are not of our exact form."""
+    if variant not in BITS:
+        raise ValueError(f"unknown variant {variant!r}")
     bits = BITS[variant]
+    if weight.ndim != 2 or weight.dtype != np.uint32:
+        raise ValueError(f"weight must be a 2-D uint32 array, got {weight.dtype} {list(weight.shape)}")
+    if scales.ndim != 2 or scales.shape != biases.shape or scales.shape[0] != weight.shape[0]:
+        raise ValueError(f"scales {list(scales.shape)} and biases {list(biases.shape)} do not fit the weight")
     in_features = scales.shape[1] * GROUP_SIZE
+    if in_features < 1 or weight.shape[1] * 32 != in_features * bits:
+        raise ValueError(f"{weight.shape[1]} words per row do not hold {in_features} {bits}-bit weights")
     q = unpack(weight, in_features, bits)
     s = (-biases.astype(np.float16)).astype(np.float16)
     expected_scales = (s * np.float16(2)).astype(np.float16) if variant == "binary" else s

@@ -42,6 +42,12 @@ def _encode_rows(codes: np.ndarray, variant: str) -> np.ndarray:
 
 def decode(packed: np.ndarray, in_features: int, variant: str) -> np.ndarray:
     """uint8 packed codes [out, bytes] → int8 codes [out, in] in {-1,+1} or {-1,0,+1}."""
+    if variant not in ("binary", "ternary"):
+        raise ValueError(f"unknown variant {variant!r}")
+    if packed.ndim != 2 or packed.dtype != np.uint8:
+        raise ValueError(f"packed codes must be a 2-D uint8 array, got {packed.dtype} {list(packed.shape)}")
+    if in_features < 1 or packed.shape[1] != code_bytes_per_row(in_features, variant):
+        raise ValueError(f"{packed.shape[1]} bytes per row do not hold {in_features} {variant} weights")
     if variant == "binary":
         bits = np.unpackbits(packed, axis=1, count=in_features, bitorder="little")
         return (bits.astype(np.int8) * 2 - 1).astype(np.int8)

@@ -95,8 +95,9 @@ class MLXTarget(Target):
         prefix = name[: -len(".weight")]
         weight = mx.dequantize(
             mx.array(encoded[name]),
-            mx.array(encoded[f"{prefix}.scales"]),
-            mx.array(encoded[f"{prefix}.biases"]),
+            # fp32 scales/biases: the runtime computes scale·q + bias without rounding the weight to fp16
+            mx.array(encoded[f"{prefix}.scales"].astype(np.float32)),
+            mx.array(encoded[f"{prefix}.biases"].astype(np.float32)),
             group_size=TEXT_GROUP_SIZE,
             bits=TEXT_BITS,
         )

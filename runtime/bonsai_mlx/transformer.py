@@ -185,9 +185,7 @@ class JointAttention(nn.Module):
         self.add_v_proj = nn.Linear(dim, inner, bias=False)
         self.to_add_out = nn.Linear(inner, dim, bias=False)
 
-    def __call__(
-        self, x: mx.array, context: mx.array, rope: tuple[mx.array, mx.array]
-    ) -> tuple[mx.array, mx.array]:
+    def __call__(self, x: mx.array, context: mx.array, rope: tuple[mx.array, mx.array]) -> tuple[mx.array, mx.array]:
         d = self.head_dim
         q = self.norm_q(split_heads(self.to_q(x), d))
         k = self.norm_k(split_heads(self.to_k(x), d))

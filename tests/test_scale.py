@@ -1,0 +1,93 @@
+"""Full-size behaviour on small shapes: the synthetic checkpoint is deterministic, packs are byte-identical,
+and pack's peak memory does not grow with the model."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "make_synthetic_checkpoint.py"
+
+
+def synthetic(out: Path, variant: str, singles: int, heads: int = 5, seed: int = 0) -> Path:
+    subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            str(out),
+            "--variant",
+            variant,
+            "--num-layers",
+            "1",
+            "--num-single-layers",
+            str(singles),
+            "--num-attention-heads",
+            str(heads),
+            "--seed",
+            str(seed),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return out
+
+
+def tree_digest(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(folder).as_posix().encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+def pack_measured(source: Path, target: str, out: Path) -> int:
+    """Run pack in a subprocess and return its peak RSS in bytes."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bonsai_convert", "pack", str(source), "--target", target, "-o", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    _, status, usage = os.wait4(process.pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, process.stderr.read().decode()
+    return usage.ru_maxrss * 1024
+
+
+@pytest.fixture(scope="module")
+def small_ternary(tmp_path_factory):
+    return synthetic(tmp_path_factory.mktemp("syn") / "ternary", "ternary", singles=1)
+
+
+def test_synthetic_checkpoint_is_deterministic_and_exact(small_ternary, tmp_path):
+    again = synthetic(tmp_path / "again", "ternary", singles=1)
+    assert tree_digest(again / "transformer") == tree_digest(small_ternary / "transformer")
+    other_seed = synthetic(tmp_path / "other", "ternary", singles=1, seed=1)
+    assert tree_digest(other_seed / "transformer") != tree_digest(small_ternary / "transformer")
+
+
+@pytest.mark.parametrize("target", ["packed", "iphone", "cuda"])
+def test_two_packs_are_byte_identical(small_ternary, tmp_path, target):
+    from bonsai_convert.pack import PackOptions, pack
+
+    first = pack(str(small_ternary), tmp_path / "a", PackOptions(target=target))
+    second = pack(str(small_ternary), tmp_path / "b", PackOptions(target=target))
+    assert first == second
+    assert tree_digest(tmp_path / "a") == tree_digest(tmp_path / "b")
+    assert first["variant"] == "ternary" and first["transformer_only"] is True
+
+
+def test_peak_memory_does_not_grow_with_the_model(tmp_path):
+    small = synthetic(tmp_path / "small", "binary", singles=1, heads=10)
+    large = synthetic(tmp_path / "large", "binary", singles=15, heads=10)
+    grown = sum(p.stat().st_size for p in (large / "transformer").glob("*.safetensors")) - sum(
+        p.stat().st_size for p in (small / "transformer").glob("*.safetensors")
+    )
+    assert grown > 550e6  # fourteen more 1280-wide single blocks: ~43 MB of bf16 each
+    rss_small = pack_measured(small, "iphone", tmp_path / "out-small")
+    rss_large = pack_measured(large, "iphone", tmp_path / "out-large")
+    assert rss_large - rss_small < 0.25 * grown, (rss_small, rss_large, grown)
+    assert rss_large < 1e9

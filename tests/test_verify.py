@@ -1,0 +1,143 @@
+"""verify: untouched demo bundles of every target pass with a PSNR; every kind of damage is caught in one line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from bonsai_convert.schemas import load_schema
+from bonsai_convert.verify import VerifyOptions, verify_bundle
+
+
+def run_verify(bundle: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "bonsai_convert", "verify", str(bundle), *extra], capture_output=True, text=True
+    )
+
+
+@pytest.mark.parametrize(
+    "variant,target",
+    [
+        ("binary", "iphone"),
+        ("ternary", "iphone"),
+        ("binary", "mac"),
+        ("ternary", "mac"),
+        ("binary", "cuda"),
+        ("ternary", "cuda"),
+    ],
+)
+def test_untouched_bundle_passes_with_psnr(demo_bundle, variant, target):
+    report = verify_bundle(demo_bundle(variant, target), VerifyOptions())
+    jsonschema.validate(report, load_schema("verify_report"))
+    assert report["passed"], report["checks"]
+    assert report["psnr_db"] is not None and report["psnr_db"] >= 40.0
+    assert report["generation_checked"] is True
+
+
+def test_cli_report_and_comparison_image(demo_bundle, tmp_path):
+    bundle = demo_bundle("ternary", "iphone")
+    before = sorted((p.relative_to(bundle), p.stat().st_mtime_ns) for p in bundle.rglob("*"))
+    result = run_verify(
+        bundle, "--source", "demo:ternary", "--report", str(tmp_path / "r.json"), "--image", str(tmp_path / "cmp.png")
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    jsonschema.validate(report, load_schema("verify_report"))
+    assert report["passed"] and report["psnr_db"] >= 40
+    assert any(c["name"] == "weights vs source" and c["passed"] for c in report["checks"])
+    from PIL import Image
+
+    assert Image.open(tmp_path / "cmp.png").size == (64 * 3, 64)
+    assert sorted((p.relative_to(bundle), p.stat().st_mtime_ns) for p in bundle.rglob("*")) == before
+
+
+def test_packed_bundle_passes_without_generation(demo_bundle):
+    report = verify_bundle(demo_bundle("binary", "packed"), VerifyOptions())
+    assert report["passed"] and report["psnr_db"] is None and not report["generation_checked"]
+
+
+def _flip_byte(bundle: Path) -> str:
+    path = bundle / "transformer" / "model-00001-of-00001.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0x01
+    path.write_bytes(bytes(data))
+    return "transformer/model-00001-of-00001.safetensors: sha256 differs"
+
+
+def _truncate(bundle: Path) -> str:
+    path = bundle / "vae" / "diffusion_pytorch_model.safetensors"
+    path.write_bytes(path.read_bytes()[:-10])
+    return "vae/diffusion_pytorch_model.safetensors: "
+
+
+def _missing(bundle: Path) -> str:
+    (bundle / "tokenizer" / "tokenizer.json").unlink()
+    return "tokenizer/tokenizer.json: listed in the manifest but missing"
+
+
+def _extra(bundle: Path) -> str:
+    (bundle / "transformer" / "notes.txt").write_text("hello")
+    return "transformer/notes.txt: not listed in the manifest"
+
+
+def _edited_manifest(bundle: Path) -> str:
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["files"][0]["bytes"] += 1
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    return f"{manifest['files'][0]['path']}: "
+
+
+def _hostile_header(bundle: Path) -> str:
+    """A header claiming 2 GB of JSON, with the manifest updated to match the file (so only the header fails)."""
+    import hashlib
+
+    path = bundle / "golden" / "noise.safetensors"
+    data = struct.pack("<Q", 2_000_000_000) + path.read_bytes()[8:]
+    path.write_bytes(data)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    for entry in manifest["files"]:
+        if entry["path"] == "golden/noise.safetensors":
+            entry["sha256"] = hashlib.sha256(data).hexdigest()
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    return "noise.safetensors: safetensors header length 2000000000"
+
+
+def _traversal(bundle: Path) -> str:
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["files"][0]["path"] = "../outside.txt"
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    return "manifest.json"
+
+
+def _symlink(bundle: Path) -> str:
+    target = bundle / "vae" / "config.json"
+    target.unlink()
+    target.symlink_to("/etc/hostname")
+    return "vae/config.json: is a symbolic link"
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [_flip_byte, _truncate, _missing, _extra, _edited_manifest, _hostile_header, _traversal, _symlink],
+    ids=lambda f: f.__name__.strip("_"),
+)
+def test_damage_is_caught_with_one_line(demo_bundle, tmp_path, damage):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(demo_bundle("binary", "iphone"), bundle, symlinks=True)
+    expected = damage(bundle)
+    result = run_verify(bundle, "--report", str(tmp_path / "r.json"))
+    assert result.returncode == 5
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert expected in lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
+    report = json.loads((tmp_path / "r.json").read_text())
+    jsonschema.validate(report, load_schema("verify_report"))
+    assert report["passed"] is False and report["psnr_db"] is None
