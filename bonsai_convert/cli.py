@@ -172,6 +172,18 @@ def generate(
 
 
 @app.command()
+def tune(bundle: Path = typer.Argument(..., help="A cuda bundle.")) -> None:
+    """GPU only: autotune Gemlite's kernels for this bundle's shapes once and store the cache in the bundle."""
+    from .tune import tune_bundle
+
+    result = tune_bundle(bundle)
+    console.print(
+        f"stored {result['cache']} for {result['gpu']}: time to first image at {result['size']} "
+        f"cold {result['cold_seconds']:.1f} s → warm {result['warm_seconds']:.1f} s (re-run verify before publishing)"
+    )
+
+
+@app.command()
 def plan(
     target: str = typer.Option(..., "--target", "-t", help="packed, iphone, ipad, mac or cuda"),
     variant: str = typer.Option(..., help="binary or ternary"),

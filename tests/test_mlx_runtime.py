@@ -35,6 +35,7 @@ from mlx.utils import tree_flatten
 from bonsai_convert.codecs import mlx as mlx_codec
 from bonsai_convert.demo import SCHEDULER_CONFIG, TEXT_ENCODER_OUT_LAYERS, build_demo_pipeline
 from bonsai_convert.lowbit import is_low_bit_key
+from bonsai_convert.reference import run_reference as reference_run
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("binary", "ternary")
@@ -105,29 +106,9 @@ def reference(bundle):
 
 
 def run_reference(pipeline: Flux2KleinPipeline, noise: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(uint8 image, final latents NCHW) from diffusers with the given noise."""
-    captured = {}
-
-    def keep(_pipe, _step, _t, kwargs):
-        captured["latents"] = kwargs["latents"]
-        return kwargs
-
-    with torch.no_grad():
-        image = pipeline(
-            prompt=PROMPT,
-            latents=torch.from_numpy(noise),
-            height=SIZE,
-            width=SIZE,
-            num_inference_steps=STEPS,
-            guidance_scale=1.0,
-            text_encoder_out_layers=OUT_LAYERS,
-            max_sequence_length=MAX_LENGTH,
-            output_type="np",
-            callback_on_step_end=keep,
-        ).images[0]
-    side = SIZE // 16
-    latents = captured["latents"].numpy().reshape(1, side, side, -1).transpose(0, 3, 1, 2)
-    return np.round(image * 255).astype(np.uint8), latents
+    """(uint8 image, final latents NCHW) from diffusers with the given noise (the converter's golden helper)."""
+    output = reference_run(pipeline, PROMPT, noise, STEPS, OUT_LAYERS, MAX_LENGTH)
+    return output.image, output.latents
 
 
 def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:

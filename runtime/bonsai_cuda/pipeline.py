@@ -90,14 +90,10 @@ def install_low_bit(
         except AttributeError as error:
             raise BundleError(f"{prefix}: low-bit tensors for a module the model does not have") from error
         if not isinstance(target, nn.Linear) or target.bias is not None:
-            raise BundleError(
-                f"{prefix}: low-bit tensors for a {type(target).__name__}, expected a bias-free Linear"
-            )
+            raise BundleError(f"{prefix}: low-bit tensors for a {type(target).__name__}, expected a bias-free Linear")
         expected = [target.out_features, target.in_features]
         if "orig_shape" in state and state["orig_shape"].tolist() != expected:
-            raise BundleError(
-                f"{prefix}: orig_shape {state['orig_shape'].tolist()} but the model has {expected}"
-            )
+            raise BundleError(f"{prefix}: orig_shape {state['orig_shape'].tolist()} but the model has {expected}")
         try:
             replace_module(model, prefix, build_linear(state, backend, device, dtype, prefix))
         except LayoutError as error:
@@ -105,9 +101,7 @@ def install_low_bit(
     return prefixes
 
 
-def load_component(
-    model_class, folder: Path, backend: str, device: torch.device, dtype: torch.dtype
-) -> nn.Module:
+def load_component(model_class, folder: Path, backend: str, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """Build `model_class` from folder/config.json without allocating weights; fill it from the shards."""
     from accelerate import init_empty_weights
 
@@ -164,11 +158,7 @@ def load_pipeline(
         raise BundleError(f"{root}: transformer-only bundle (no text encoder / VAE): it cannot generate")
     device = torch.device(device) if device is not None else default_device()
     if dtype is None:
-        dtype = (
-            getattr(torch, settings.get("compute_dtype", "float16"))
-            if device.type == "cuda"
-            else torch.float32
-        )
+        dtype = getattr(torch, settings.get("compute_dtype", "float16")) if device.type == "cuda" else torch.float32
     if backend == "auto":
         backend = "gemlite" if device.type == "cuda" and gemlite_available() else "decoded"
     if backend == "gemlite" and device.type != "cuda":
@@ -179,14 +169,8 @@ def load_pipeline(
     if low_bit_prefixes_in(te_folder):
         text_encoder = load_component(Qwen3ForCausalLM, te_folder, backend, device, dtype)
     else:
-        text_encoder = (
-            Qwen3ForCausalLM.from_pretrained(te_folder, dtype=dtype, use_safetensors=True).to(device).eval()
-        )
-    vae = (
-        AutoencoderKLFlux2.from_pretrained(root / "vae", torch_dtype=dtype, use_safetensors=True)
-        .to(device)
-        .eval()
-    )
+        text_encoder = Qwen3ForCausalLM.from_pretrained(te_folder, dtype=dtype, use_safetensors=True).to(device).eval()
+    vae = AutoencoderKLFlux2.from_pretrained(root / "vae", torch_dtype=dtype, use_safetensors=True).to(device).eval()
     pipe = Flux2KleinPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler"),
         vae=vae,
@@ -196,9 +180,33 @@ def load_pipeline(
         is_distilled=True,
     )
     pipe.set_progress_bar_config(disable=True)
-    pipe.bonsai_settings = dict(settings, backend=backend)
+    tuned = load_autotune_cache(root) if backend == "gemlite" else None
+    pipe.bonsai_settings = dict(settings, backend=backend, autotune_cache=str(tuned) if tuned else None)
     pipe.bonsai_backend = f"gemlite ({device})" if backend == "gemlite" else f"decoded torch ({device})"
     return pipe
+
+
+AUTOTUNE_DIR = "gemlite"
+
+
+def gpu_slug(name: str) -> str:
+    """A file-name-safe key for a GPU name, e.g. 'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
+    return "-".join("".join(c if c.isalnum() else " " for c in name.lower()).split())
+
+
+def autotune_cache_path(root: Path, gpu_name: str) -> Path:
+    """Where `bonsai-convert tune` stores Gemlite's autotune cache for this GPU inside the bundle."""
+    return root / AUTOTUNE_DIR / f"autotune-{gpu_slug(gpu_name)}.json"
+
+
+def load_autotune_cache(root: Path) -> Path | None:
+    """Load the bundle's Gemlite autotune cache when one was stored for this GPU (warm start), else None."""
+    import gemlite
+
+    path = autotune_cache_path(root, torch.cuda.get_device_name())
+    if path.is_file() and not path.is_symlink() and gemlite.load_config(str(path), print_error=True):
+        return path
+    return None
 
 
 def low_bit_prefixes_in(folder: Path) -> list[str]:
