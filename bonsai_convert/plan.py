@@ -210,7 +210,15 @@ def fp16_sizes(model: ModelDescription) -> dict[str, int]:
     return sizes
 
 
-def plan(model: ModelDescription, target_name: str, variant: str, width: int, height: int, golden: bool = True) -> dict:
+def plan(
+    model: ModelDescription,
+    target_name: str,
+    variant: str,
+    width: int,
+    height: int,
+    golden: bool = True,
+    dtype: str | None = None,
+) -> dict:
     """The plan report: the same JSON shape as `inspect --json`, plus memory and device fit."""
     from .memory import estimate_memory
 
@@ -224,7 +232,7 @@ def plan(model: ModelDescription, target_name: str, variant: str, width: int, he
         if name in summary["components"]:
             summary["components"][name]["estimated"] = True
     profile = profile_for(target_name)
-    memory = estimate_memory(model, summary["components"], profile, width, height)
+    memory = estimate_memory(model, summary["components"], profile, width, height, dtype)
     return {
         "model": model.label,
         "target": target_name,

@@ -141,3 +141,29 @@ def test_damage_is_caught_with_one_line(demo_bundle, tmp_path, damage):
     report = json.loads((tmp_path / "r.json").read_text())
     jsonschema.validate(report, load_schema("verify_report"))
     assert report["passed"] is False and report["psnr_db"] is None
+
+
+def test_publish_dry_run_of_a_verified_bundle_writes_the_card(demo_bundle, tmp_path):
+    from huggingface_hub import ModelCard
+
+    bundle = demo_bundle("binary", "mac")
+    assert run_verify(bundle).returncode == 0
+    card_path = tmp_path / "card.md"
+    result = subprocess.run([sys.executable, "-m", "bonsai_convert", "publish", str(bundle), "--repo-id",
+                             "my-org/bonsai-demo-mac", "--dry-run", "--card-out", str(card_path)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    data = ModelCard.load(card_path).data.to_dict()
+    assert data["license"] == "apache-2.0" and data["base_model"] == "black-forest-labs/FLUX.2-klein-4B"
+    assert data["base_model_relation"] == "quantized" and data["pipeline_tag"] == "text-to-image"
+    assert data["library_name"] == "mlx" and {"bonsai", "binary", "mac"} <= set(data["tags"])
+
+
+def test_publish_refuses_an_unverified_bundle(demo_bundle, tmp_path):
+    bundle = tmp_path / "copy"
+    shutil.copytree(demo_bundle("ternary", "packed"), bundle)
+    (bundle / "pipeline.json").write_text((bundle / "pipeline.json").read_text() + " ")
+    result = subprocess.run([sys.executable, "-m", "bonsai_convert", "publish", str(bundle), "--repo-id", "a/b",
+                             "--dry-run"], capture_output=True, text=True)
+    assert result.returncode == 3
+    assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
