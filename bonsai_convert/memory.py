@@ -1,9 +1,10 @@
 """Memory model of generation (formats/memory.md): resident weights + activations + VAE decode, per phase.
 
-Phases run one after another: (1) text encoding with only the text encoder resident, which is then evicted;
-(2) denoising with transformer + VAE weights resident; (3) VAE decode (tiled when the profile says so) with the
-transformer still resident. Peak = the largest phase; mean active = the denoising phase with half of its peak
-activations (activations rise and fall inside each block), since denoising is almost all of the wall time.
+The transformer and VAE are loaded when the bundle is opened and stay resident (as the MLX runtime does).
+Phases: (1) text encoding, with the text encoder loaded on top and evicted right after; (2) denoising;
+(3) VAE decode (tiled when the profile says so). Tensors stored fp16 are held in the compute dtype (fp32 doubles
+them). Peak = the largest phase; mean active = the denoising phase with half of its peak activations
+(activations rise and fall inside each block), since denoising is almost all of the wall time.
 """
 
 from __future__ import annotations
@@ -57,21 +58,25 @@ def estimate_memory(model, components: dict, profile: dict, width: int, height: 
     """Peak and mean-active bytes at width×height, the profile's budget, and whether it fits (with margin)."""
     compute_dtype = dtype or profile["compute_dtype"]
     dtype_bytes = DTYPE_BYTES[compute_dtype]
-    transformer_weights = components["transformer"]["bytes"]
-    vae_weights = components.get("vae", {}).get("bytes", 0)
-    text_weights = components.get("text_encoder", {}).get("bytes", 0)
+    widen = dtype_bytes / 2  # fp16-stored tensors are held in the compute dtype (fp32 doubles them)
+    parts = components["transformer"].get("parts", {})
+    packed_codes = parts.get("low_bit_codes", 0) + parts.get("metadata", 0)
+    transformer_weights = int(packed_codes + (components["transformer"]["bytes"] - packed_codes) * widen)
+    vae_weights = int(components.get("vae", {}).get("bytes", 0) * widen)
+    text_weights = int(components.get("text_encoder", {}).get("bytes", 0) * widen)
     image_tokens = (width // 16) * (height // 16)
     text_tokens = model.max_sequence_length
     text_act = text_encoder_activations(model.text_encoder_config, len(model.out_layers), dtype_bytes, text_tokens)
     denoise_act = transformer_activations(model.transformer_config, image_tokens, dtype_bytes, text_tokens)
     decode_act = vae_decode_activations(model.vae_config, width, height, profile["vae_tile"], dtype_bytes)
+    resident = transformer_weights + vae_weights  # loaded when the bundle is opened, kept between images
     phases = {
-        "text_encoding": text_weights + text_act,
-        "denoising": transformer_weights + vae_weights + denoise_act,
-        "vae_decode": transformer_weights + vae_weights + decode_act,
+        "text_encoding": resident + text_weights + text_act,
+        "denoising": resident + denoise_act,
+        "vae_decode": resident + decode_act,
     }
     peak = max(phases.values())
-    mean_active = transformer_weights + vae_weights + denoise_act // 2
+    mean_active = resident + denoise_act // 2
     budget = int(profile["memory_budget_bytes"])
     return {
         "width": width,
@@ -84,5 +89,6 @@ def estimate_memory(model, components: dict, profile: dict, width: int, height: 
         "budget_bytes": budget,
         "margin_bytes": budget - peak,
         "fits": budget == 0 or peak <= budget,
-        "assumptions": "text encoder evicted after encoding; attention scores materialized (upper bound)",
+        "assumptions": "transformer and VAE resident throughout; text encoder loaded for encoding and evicted after; "
+        "attention scores materialized (upper bound)",
     }
