@@ -363,15 +363,20 @@ def _bfl_config(shapes: dict[str, tuple[int, ...]]) -> dict:
     for kind, blocks in (("double_blocks", double), ("single_blocks", single)):
         if blocks != set(range(len(blocks))):
             raise ValueError(f"{kind} indices {sorted(blocks)[:8]} are not 0..{len(blocks) - 1}")
-    if hidden <= 0 or hidden % KLEIN_4B_TRANSFORMER["attention_head_dim"]:
-        raise ValueError(f"img_in.weight has {hidden} rows, not a multiple of the head dim")
+    # The head dim is the length of a QK-norm scale (Klein 4B: 128); RoPE splits it over 4 equal axes.
+    norm_key = "double_blocks.0.img_attn.norm.query_norm.scale" if double else "single_blocks.0.norm.query_norm.scale"
+    head_dim = shapes[norm_key][0] if len(shapes.get(norm_key, ())) == 1 else KLEIN_4B_TRANSFORMER["attention_head_dim"]
+    if hidden <= 0 or head_dim <= 0 or hidden % head_dim or head_dim % 4:
+        raise ValueError(f"img_in.weight has {hidden} rows, not a multiple of the head dim {head_dim}")
     mlp_hidden = shapes["double_blocks.0.img_mlp.0.weight"][0] // 2 if double else hidden * 3
     config = dict(KLEIN_4B_TRANSFORMER)
     config.update(
         in_channels=in_channels,
         num_layers=len(double),
         num_single_layers=len(single),
-        num_attention_heads=hidden // config["attention_head_dim"],
+        attention_head_dim=head_dim,
+        axes_dims_rope=[head_dim // 4] * 4,
+        num_attention_heads=hidden // head_dim,
         joint_attention_dim=shapes["txt_in.weight"][1],
         mlp_ratio=mlp_hidden / hidden,
         guidance_embeds=any(k.startswith("guidance_in.") for k in shapes),

@@ -92,3 +92,16 @@ def test_peak_memory_does_not_grow_with_the_model(tmp_path):
     rss_large = min(pack_measured(large, "iphone", tmp_path / f"out-large-{i}") for i in range(2))
     assert rss_large - rss_small < 0.25 * grown, (rss_small, rss_large, grown)
     assert rss_large < 1e9
+
+
+@pytest.mark.parametrize("target", ["packed", "iphone", "cuda"])
+def test_plan_equals_pack_on_a_klein_shaped_checkpoint(small_ternary, tmp_path, target):
+    from bonsai_convert.manifest import load_manifest
+    from bonsai_convert.pack import PackOptions, pack
+    from bonsai_convert.plan import describe_source, plan
+
+    pack(str(small_ternary), tmp_path / "bundle", PackOptions(target=target))
+    manifest = load_manifest(tmp_path / "bundle")
+    predicted = plan(describe_source(str(small_ternary)), target, "ternary", 512, 512)
+    assert predicted["components"] == manifest["components"]
+    assert predicted["total_bytes"] == manifest["total_bytes"]
