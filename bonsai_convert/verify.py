@@ -165,56 +165,55 @@ def _digest(tensor: LowBitTensor) -> str:
 
 
 def check_weights(bundle: Path, manifest: dict, source_spec: str | None, checks: Checks) -> None:
-    """Every low-bit tensor decodes; bit-exact vs the source (with --source) or vs the pack-time digests."""
+    """Every low-bit tensor decodes; bit-exact vs the source (with --source) or vs the pack-time digests.
+
+    One tensor at a time: memory stays flat whatever the model size.
+    """
     tensors = BundleTensors(bundle / "transformer")
     digests = manifest["weight_digests"]
     target, variant = manifest["target"], manifest["variant"]
-    decoded: dict[str, LowBitTensor] = {}
-    try:
-        for name in sorted(digests):
-            decoded[name] = decode_low_bit(tensors, target, variant, name)
-    except (InputError, KeyError, ValueError, IndexError, TypeError) as error:
-        checks.add("low-bit decode", False, f"{error}")
-        return
-    checks.add("low-bit decode", True, f"{len(decoded)} low-bit linears decode ({variant}, {target} layout)")
-    if source_spec is None:
-        for name, tensor in decoded.items():
-            if _digest(tensor) != digests[name]:
-                checks.add(
-                    "weights vs manifest digests",
-                    False,
-                    f"tensor {name}: decoded weights differ from pack time",
-                )
-                return
-        checks.add(
-            "weights vs manifest digests",
-            True,
-            "decoded fp16 weights match the digests recorded at pack time",
-        )
-        return
-    from .source import open_source
+    source = None
+    if source_spec is not None:
+        from .source import open_source
 
-    try:
-        source = open_source(source_spec)
-    except BonsaiError as error:
-        checks.add("weights vs source", False, str(error))
-        return
-    source_names = {t.name for t in source.tensors if t.low_bit}
-    if source_names != set(decoded):
-        missing = sorted(source_names ^ set(decoded))
-        checks.add("weights vs source", False, f"tensor {missing[0]}: low-bit tensor sets differ")
+        try:
+            source = open_source(source_spec)
+        except BonsaiError as error:
+            checks.add("weights vs source", False, str(error))
+            return
+        source_names = {t.name for t in source.tensors if t.low_bit}
+        if source_names != set(digests):
+            differing = sorted(source_names ^ set(digests))
+            checks.add("weights vs source", False, f"tensor {differing[0]}: low-bit tensor sets differ")
+            return
+    by_name = {t.name: t for t in source.tensors} if source else {}
+    for name in sorted(digests):
+        try:
+            decoded = decode_low_bit(tensors, target, variant, name)
+        except (InputError, KeyError, ValueError, IndexError, TypeError) as error:
+            checks.add("low-bit decode", False, f"{error}")
+            return
+        if source is None:
+            if _digest(decoded) != digests[name]:
+                detail = f"tensor {name}: decoded weights differ from pack time"
+                checks.add("weights vs manifest digests", False, detail)
+                return
+            continue
+        reference = source.read_low_bit(by_name[name])
+        if not isinstance(reference, LowBitTensor):
+            reference = split_exact(name, reference, variant)
+        if not np.array_equal(decoded.dense().view(np.uint16), reference.dense().view(np.uint16)):
+            checks.add("weights vs source", False, f"tensor {name}: differs from the source")
+            return
+    checks.add("low-bit decode", True, f"{len(digests)} low-bit linears decode ({variant}, {target} layout)")
+    if source is None:
+        checks.add("weights vs manifest digests", True, "decoded fp16 weights match the digests recorded at pack time")
         return
     for tensor in source.tensors:
-        if tensor.low_bit:
-            reference = source.read_low_bit(tensor)
-            if not isinstance(reference, LowBitTensor):
-                reference = split_exact(tensor.name, reference, variant)
-            if not np.array_equal(decoded[tensor.name].dense(), reference.dense()):
-                checks.add("weights vs source", False, f"tensor {tensor.name}: differs from the source")
-                return
-        else:
+        if not tensor.low_bit:
             stored = tensors.load(tensor.name)
-            expected = to_fp16(tensor.name, tensor.load()) if tensor.load().dtype.kind == "f" else tensor.load()
+            values = tensor.load()
+            expected = to_fp16(tensor.name, values) if values.dtype.kind == "f" else values
             if not np.array_equal(stored.view(np.uint8), np.asarray(expected, dtype=stored.dtype).view(np.uint8)):
                 checks.add("weights vs source", False, f"tensor {tensor.name}: differs from the source (fp16)")
                 return
