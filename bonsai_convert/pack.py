@@ -108,13 +108,28 @@ def _close_component(root: Path, layout: ComponentLayout, writers: dict[str, Saf
 
 
 def _write_dense_component(
-    root: Path, layout: ComponentLayout, files: dict[str, SafetensorsFile], encode: Callable, tick: Callable
+    root: Path,
+    layout: ComponentLayout,
+    files: dict[str, SafetensorsFile],
+    encode: Callable,
+    tick: Callable,
+    row_separable: Callable[[str], bool] = lambda name: True,
 ) -> None:
+    """Write a text encoder / VAE tensor by tensor; big 2-D tensors in row chunks when their encoding allows."""
     writers = _open_writers(root, layout)
     try:
         for source_name in sorted(layout.outputs_of):
-            for name, array in encode(source_name, files[source_name].load(source_name)).items():
-                writers[name].write(name, array)
+            handle = files[source_name]
+            shape = handle.tensors[source_name].shape
+            if len(shape) == 2 and shape[0] > ROWS_PER_CHUNK and row_separable(source_name):
+                # e.g. Qwen3-4B's 151936 x 2560 embedding: never widened to fp32 whole
+                for start in range(0, shape[0], ROWS_PER_CHUNK):
+                    rows = handle.load_rows(source_name, start, min(shape[0], start + ROWS_PER_CHUNK))
+                    for name, array in encode(source_name, rows).items():
+                        writers[name].write_rows(name, array, start)
+            else:
+                for name, array in encode(source_name, handle.load(source_name)).items():
+                    writers[name].write(name, array)
             tick()
     except BaseException:
         for writer in writers.values():
@@ -313,7 +328,9 @@ def pack(source_spec: str, out: Path, options: PackOptions, progress=None) -> di
         te_config = None
         if te:
             te_config, _, kept, te_layout, te_files = te
-            _write_dense_component(root, te_layout, te_files, target.encode_text_encoder, tick)
+            _write_dense_component(
+                root, te_layout, te_files, target.encode_text_encoder, tick, target.text_encoder_row_separable
+            )
             config = bundle_text_encoder_config(te_config, target, kept, source.text_encoder_out_layers)
             (root / "text_encoder" / "config.json").write_bytes(json_bytes(config))
         if "vae" in source.components:

@@ -193,6 +193,13 @@ class SafetensorsFile:
             return np.fromfile(self.path, dtype=dtype, count=1, offset=info.begin).reshape(())
         return np.memmap(self.path, dtype=dtype, mode="r", offset=info.begin, shape=info.shape)
 
+    def load_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of a tensor as numpy (only those rows are read); bf16 widened to float32."""
+        values = self.raw(name)[start:stop]
+        if self.tensors[name].dtype == "BF16":
+            return bf16_bits_to_float32(values)
+        return np.array(values)
+
     def load(self, name: str) -> np.ndarray:
         """The tensor as numpy; bf16 is widened exactly to float32."""
         values = self.raw(name)

@@ -115,3 +115,15 @@ def test_plan_equals_pack_on_a_klein_shaped_checkpoint(small_ternary, tmp_path, 
     predicted = plan(describe_source(str(small_ternary)), target, "ternary", 512, 512)
     assert predicted["components"] == manifest["components"]
     assert predicted["total_bytes"] == manifest["total_bytes"]
+
+
+@pytest.mark.parametrize("target", ["iphone", "cuda"])
+def test_row_chunked_conversion_writes_the_same_bytes(demo_checkpoint, demo_bundle, tmp_path, monkeypatch, target):
+    """Row chunks (used for big tensors such as Qwen3-4B's embedding) must not change a single byte."""
+    import bonsai_convert.pack as pack_module
+    from bonsai_convert.pack import PackOptions, pack
+
+    monkeypatch.setattr(pack_module, "ROWS_PER_CHUNK", 96)
+    pack(str(demo_checkpoint("binary")), tmp_path / "chunked", PackOptions(target=target))
+    reference = demo_bundle("binary", target)
+    assert tree_digest(tmp_path / "chunked") == tree_digest(reference)

@@ -61,6 +61,10 @@ class Target:
     def encode_text_encoder(self, name: str, values: np.ndarray) -> dict[str, np.ndarray]:
         return {name: encode_dense(name, values)}
 
+    def text_encoder_row_separable(self, name: str) -> bool:
+        """Whether encoding rows separately and stacking them gives the whole tensor's encoding (row-major)."""
+        return True
+
     def text_encoder_as_shipped(self, name: str, values: np.ndarray) -> np.ndarray:
         """The text-encoder weight as the runtime will see it (what the golden reference must use too)."""
         return encode_dense(name, values)

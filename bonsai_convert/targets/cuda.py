@@ -92,6 +92,10 @@ class CudaTarget(Target):
         prefix = name[: -len(".weight")]
         return {f"{prefix}.{key}": value for key, value in state.items()}
 
+    def text_encoder_row_separable(self, name: str) -> bool:
+        """Gemlite tensors are stored transposed ([K/e, N]): only dense tensors can be written in row chunks."""
+        return len(self.text_encoder_outputs(name, (1, 64), "F32")) == 1
+
     def text_encoder_as_shipped(self, name: str, values: np.ndarray) -> np.ndarray:
         encoded = self.encode_text_encoder(name, values)
         if len(encoded) == 1:
