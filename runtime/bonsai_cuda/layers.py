@@ -30,9 +30,7 @@ def _meta(state: dict[str, torch.Tensor], name: str) -> dict[str, int]:
     if metadata.dtype != torch.int32 or tuple(metadata.shape) != (12,):
         raise LayoutError(f"{name}: metadata must be int32 [12], got {metadata.dtype} {list(metadata.shape)}")
     if orig_shape.dtype != torch.int32 or tuple(orig_shape.shape) != (2,):
-        raise LayoutError(
-            f"{name}: orig_shape must be int32 [2], got {orig_shape.dtype} {list(orig_shape.shape)}"
-        )
+        raise LayoutError(f"{name}: orig_shape must be int32 [2], got {orig_shape.dtype} {list(orig_shape.shape)}")
     fields = (
         "scaled_activations", "W_nbits", "group_size", "unpack_mask", "elements_per_sample", "input_dtype",
         "output_dtype", "acc_dtype", "meta_dtype", "channel_scale_mode", "W_group_mode", "data_contiguous",
@@ -64,9 +62,7 @@ def check_layout(state: dict[str, torch.Tensor], name: str = "layer") -> dict[st
     for key, (dtype, shape) in shapes.items():
         tensor = state[key]
         if tensor.dtype != dtype or tuple(tensor.shape) != shape:
-            raise LayoutError(
-                f"{name}: {key} is {tensor.dtype} {list(tensor.shape)}, expected {dtype} {list(shape)}"
-            )
+            raise LayoutError(f"{name}: {key} is {tensor.dtype} {list(tensor.shape)}, expected {dtype} {list(shape)}")
     zeros = state.get("zeros")
     if meta["W_group_mode"] != 2:
         ok = zeros is not None and (
@@ -109,9 +105,7 @@ def dequantize_state(state: dict[str, torch.Tensor], name: str = "layer") -> tor
 class GemliteDecodedLinear(nn.Module):
     """A bias-free linear whose weight is decoded once from Gemlite tensors (CPU / no-gemlite fallback)."""
 
-    def __init__(
-        self, state: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device | str, name: str = ""
-    ):
+    def __init__(self, state: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device | str, name: str = ""):
         super().__init__()
         weight = dequantize_state({key: value.cpu() for key, value in state.items()}, name or "layer")
         self.out_features, self.in_features = weight.shape
@@ -121,9 +115,7 @@ class GemliteDecodedLinear(nn.Module):
         return F.linear(x, self.weight)
 
     def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, decoded from gemlite tensors"
-        )
+        return f"in_features={self.in_features}, out_features={self.out_features}, decoded from gemlite tensors"
 
 
 class Fp16Activations(nn.Module):
