@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from gpu_common import require_gpu
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "runtime")]
 
@@ -31,25 +33,6 @@ KLEIN_4B = dict(
     axes_dims_rope=(32, 32, 32, 32), rope_theta=2000, guidance_embeds=False,
 )  # fmt: skip
 TEXT_TOKENS = 512
-
-
-def fail(message: str) -> None:
-    print(f"bench_cuda: {message}", file=sys.stderr)
-    raise SystemExit(2)
-
-
-def require_gpu():
-    try:
-        import torch
-    except ImportError:
-        fail("torch is not installed")
-    if not torch.cuda.is_available():
-        fail("needs a CUDA GPU (torch.cuda.is_available() is False); nothing was measured")
-    try:
-        import gemlite
-    except Exception as error:
-        fail(f"cannot import gemlite ({type(error).__name__}: {error}); install gemlite==0.6.0.post2")
-    return torch, gemlite
 
 
 def _materialize(torch, model, device, dtype) -> None:
@@ -157,13 +140,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed forwards first (autotune, compile)")
     parser.add_argument("--no-dense", action="store_true", help="skip the dense bf16 baseline")
     parser.add_argument("--autotune", choices=["fast", "default", "max"], default="fast")
-    parser.add_argument(
-        "--config-cache", type=Path, help="gemlite autotune cache: loaded if present, then saved"
-    )
+    parser.add_argument("--config-cache", type=Path, help="gemlite autotune cache: loaded if present, then saved")
     parser.add_argument("--json", type=Path, default=Path("bench_cuda.json"))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    torch, gemlite = require_gpu()
+    torch, gemlite = require_gpu("nothing was measured")
     torch.manual_seed(args.seed)
     gemlite.set_autotune(args.autotune)
     if args.config_cache and args.config_cache.exists():

@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from gpu_common import require_gpu
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "runtime")]
 
@@ -26,26 +28,6 @@ SHAPES = [(256, 128), (640, 640), (3072, 3072), (18432, 3072), (3072, 9216), (27
 BATCHES = (1, 16, 256)  # gemlite picks GEMV_REVSPLITK (M ≤ 4), GEMM_SPLITK (4 < M < 64), GEMM (M ≥ 64)
 CHECKS = ("pack_cuda", "pack_cpu", "load_state_dict", "runtime_load")
 REL_TOLERANCE = 2e-3  # relative Frobenius error of the fp16 output against the fp32 product
-
-
-def fail(message: str) -> None:
-    print(f"gemlite_gpu_check: {message}", file=sys.stderr)
-    raise SystemExit(2)
-
-
-def require_gpu():
-    """torch and gemlite, or a one-line exit."""
-    try:
-        import torch
-    except ImportError:
-        fail("torch is not installed")
-    if not torch.cuda.is_available():
-        fail("needs a CUDA GPU (torch.cuda.is_available() is False); nothing was checked")
-    try:
-        import gemlite
-    except Exception as error:  # gemlite raises various errors when triton/CUDA are unusable
-        fail(f"cannot import gemlite ({type(error).__name__}: {error}); install gemlite==0.6.0.post2")
-    return torch, gemlite
 
 
 def random_layer(rng, shape: tuple[int, int], variant: str):
@@ -110,12 +92,8 @@ def check_shape(torch, gemlite, rng, shape, variant: str) -> dict:
     codes, scales = random_layer(rng, shape, variant)
     ours = codec.encode(codes, scales, variant)
     row: dict = {"variant": variant, "shape": list(shape)}
-    row["pack_cuda"] = differences(
-        ours, state_numpy(gemlite_pack(torch, gemlite, codes, scales, variant, "cuda"))
-    )
-    row["pack_cpu"] = differences(
-        ours, state_numpy(gemlite_pack(torch, gemlite, codes, scales, variant, "cpu"))
-    )
+    row["pack_cuda"] = differences(ours, state_numpy(gemlite_pack(torch, gemlite, codes, scales, variant, "cuda")))
+    row["pack_cpu"] = differences(ours, state_numpy(gemlite_pack(torch, gemlite, codes, scales, variant, "cpu")))
 
     n, k = shape
     fresh = GemLiteLinearTriton(codec.VARIANT_BITS[variant], group_size=128, in_features=k, out_features=n,
@@ -142,30 +120,27 @@ def check_shape(torch, gemlite, rng, shape, variant: str) -> dict:
             "finite": bool(torch.isfinite(got).all()),
         }
     row["matmul"] = errors
-    row["ok"] = not (
-        row["pack_cuda"] or row["pack_cpu"] or row["load_state_dict"] or row["runtime_load"]
-    ) and all(e["finite"] and e["gemlite_rel"] <= REL_TOLERANCE for e in errors.values())
+    row["ok"] = not (row["pack_cuda"] or row["pack_cpu"] or row["load_state_dict"] or row["runtime_load"]) and all(
+        e["finite"] and e["gemlite_rel"] <= REL_TOLERANCE for e in errors.values()
+    )
     return row
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--json", type=Path, default=Path("gemlite_gpu_check.json"), help="where to write results"
-    )
+    parser.add_argument("--json", type=Path, default=Path("gemlite_gpu_check.json"), help="where to write results")
     parser.add_argument("--quick", action="store_true", help="only the small shapes (no Klein-sized layers)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    torch, gemlite = require_gpu()
+    torch, gemlite = require_gpu("nothing was checked")
     import numpy as np
 
     rng = np.random.default_rng(args.seed)
     torch.manual_seed(args.seed)
     shapes = SHAPES[:3] if args.quick else SHAPES
     rows = []
-    header = (
-        f"{'variant':8} {'shape':>13} {'pack cuda':>9} {'pack cpu':>8} {'load':>5} {'runtime':>7} "
-        + " ".join(f"{'rel M=' + str(m):>11}" for m in BATCHES)
+    header = f"{'variant':8} {'shape':>13} {'pack cuda':>9} {'pack cpu':>8} {'load':>5} {'runtime':>7} " + " ".join(
+        f"{'rel M=' + str(m):>11}" for m in BATCHES
     )
     print(header)
     started = time.time()

@@ -38,19 +38,25 @@ def main() -> int:
             predicted = plan(description, "iphone", args.variant, size, size, golden=False, dtype=args.dtype)["memory"]
             result = generate(bundle, "iphone", "a bonsai tree", 0, 4, size, size, dtype=args.dtype)
             measured = result.peak_memory_bytes or 0
-            rows.append({
-                "size": size,
-                "measured_peak_bytes": measured,
-                "predicted_peak_bytes": predicted["peak_bytes"],
-                "relative_error": round((predicted["peak_bytes"] - measured) / measured, 4) if measured else None,
-                "predicted_phases": predicted["phases"],
-            })
+            rows.append(
+                {
+                    "size": size,
+                    "measured_peak_bytes": measured,
+                    "predicted_peak_bytes": predicted["peak_bytes"],
+                    "relative_error": round((predicted["peak_bytes"] - measured) / measured, 4) if measured else None,
+                    "predicted_phases": predicted["phases"],
+                }
+            )
     table = Table(title=f"MLX peak memory, demo {args.variant}, iphone bundle, {args.dtype} (Linux CPU)")
     for column in ("size", "measured", "predicted", "error"):
         table.add_column(column, justify="right")
     for row in rows:
-        table.add_row(f"{row['size']}²", f"{row['measured_peak_bytes'] / 1e6:.1f} MB",
-                      f"{row['predicted_peak_bytes'] / 1e6:.1f} MB", f"{row['relative_error']:+.1%}")
+        table.add_row(
+            f"{row['size']}²",
+            f"{row['measured_peak_bytes'] / 1e6:.1f} MB",
+            f"{row['predicted_peak_bytes'] / 1e6:.1f} MB",
+            f"{row['relative_error']:+.1%}",
+        )
     Console().print(table)
     args.json.write_text(json.dumps({"variant": args.variant, "dtype": args.dtype, "rows": rows}, indent=2) + "\n")
     return 0
