@@ -130,18 +130,6 @@ def numel(shape) -> int:
     return int(np.prod(shape, dtype=np.int64)) if len(shape) else 1
 
 
-def source_fp16_bytes(source: Source) -> dict[str, int]:
-    """FP16 size of each component of the source (the baseline the reductions are measured against)."""
-    from .source import component_tensors
-
-    sizes = {"transformer": sum(numel(t.shape) * 2 for t in source.tensors)}
-    for name in ("text_encoder", "vae"):
-        if name in source.components:
-            shapes, _ = component_tensors(source.components[name])
-            sizes[name] = sum(numel(shape) * 2 for shape, _ in shapes.values())
-    return sizes
-
-
 def dependency_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -177,7 +165,9 @@ def build_manifest(
     entries = bundle_entries(root)
     low_bit_weights = sum(numel(t.shape) for t in source.tensors if t.low_bit)
     transformer_weights = sum(numel(t.shape) for t in source.tensors)
-    summary = summarize(entries, source_fp16_bytes(source), low_bit_weights, transformer_weights)
+    from .plan import describe, fp16_sizes  # lazy: plan imports this module
+
+    summary = summarize(entries, fp16_sizes(describe(source)), low_bit_weights, transformer_weights)
     exact = options.quantize is None and source.packed_exact
     manifest = {
         "format_version": FORMAT_VERSION,

@@ -29,7 +29,7 @@ from .model_shapes import (
     transformer_shapes,
     vae_shapes,
 )
-from .pack import PackOptions, bundle_text_encoder_config, pipeline_settings
+from .pack import PackOptions, bundle_text_encoder_config, pipeline_settings, transformer_shapes_of
 from .profiles import profile_for
 from .safetensors_io import file_size
 
@@ -127,7 +127,7 @@ def describe(source) -> ModelDescription:
     description = ModelDescription(
         label=source.label,
         transformer_config=source.transformer_config,
-        transformer={t.name: (t.shape, t.file.tensors[t.key].dtype) for t in source.tensors},
+        transformer=transformer_shapes_of(source),
         out_layers=source.text_encoder_out_layers,
         max_sequence_length=source.max_sequence_length,
     )
@@ -202,6 +202,7 @@ def plan_entries(model: ModelDescription, target_name: str, variant: str, golden
 
 
 def fp16_sizes(model: ModelDescription) -> dict[str, int]:
+    """FP16 size of each component (the baseline the reductions are measured against)."""
     sizes = {"transformer": sum(numel(shape) * 2 for shape, _ in model.transformer.values())}
     if model.text_encoder is not None:
         sizes["text_encoder"] = sum(numel(shape) * 2 for shape, _ in model.text_encoder.values())

@@ -104,14 +104,12 @@ def check_integrity(bundle: Path, checks: Checks) -> dict | None:
 
 
 class BundleTensors:
-    """Read tensors of a bundle component by name (headers already validated)."""
+    """Read tensors of a bundle component by name (its files and index validated by `component_tensors`)."""
 
     def __init__(self, folder: Path):
-        self.files: dict[str, SafetensorsFile] = {}
-        for path in sorted(folder.glob("*.safetensors")):
-            handle = SafetensorsFile(path)
-            for key in handle.tensors:
-                self.files[key] = handle
+        from .source import component_tensors
+
+        _, self.files = component_tensors(folder)
 
     def __contains__(self, name: str) -> bool:
         return name in self.files
@@ -120,9 +118,6 @@ class BundleTensors:
         if name not in self.files:
             raise InputError(f"tensor {name}: missing from the bundle")
         return np.asarray(self.files[name].load(name))
-
-    def names(self) -> list[str]:
-        return sorted(self.files)
 
 
 def decode_low_bit(tensors: BundleTensors, target: str, variant: str, name: str) -> LowBitTensor:
@@ -169,7 +164,11 @@ def check_weights(bundle: Path, manifest: dict, source_spec: str | None, checks:
 
     One tensor at a time: memory stays flat whatever the model size.
     """
-    tensors = BundleTensors(bundle / "transformer")
+    try:
+        tensors = BundleTensors(bundle / "transformer")
+    except InputError as error:
+        checks.add("low-bit decode", False, str(error))
+        return
     digests = manifest["weight_digests"]
     target, variant = manifest["target"], manifest["variant"]
     source = None
