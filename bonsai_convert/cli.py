@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from enum import Enum
 from pathlib import Path
 
 import typer
@@ -11,6 +12,46 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .errors import BonsaiError, UsageError, VerifyFailed
+
+
+# Every choice on the command line is an Enum: click refuses any other value as a usage error (exit 2) listing them.
+class TargetName(str, Enum):
+    packed = "packed"
+    iphone = "iphone"
+    ipad = "ipad"
+    mac = "mac"
+    cuda = "cuda"
+
+
+class VariantName(str, Enum):
+    binary = "binary"
+    ternary = "ternary"
+
+
+class PackVariant(str, Enum):
+    auto = "auto"
+    binary = "binary"
+    ternary = "ternary"
+
+
+class Quantizer(str, Enum):
+    absmean = "absmean"
+
+
+class DenseDtype(str, Enum):
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class ComputeDtype(str, Enum):
+    float16 = "float16"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+
+
+def value(choice: Enum | None) -> str | None:
+    return None if choice is None else str(choice.value)
+
 
 app = typer.Typer(
     add_completion=False,
@@ -59,7 +100,7 @@ def main_options(debug: bool = typer.Option(False, "--debug", help="Show traceba
 @app.command()
 def demo(
     out: Path = typer.Argument(..., help="Folder to write the tiny demo checkpoint to."),
-    variant: str = typer.Option("ternary", help="binary or ternary"),
+    variant: VariantName = typer.Option(VariantName.ternary, help="binary or ternary"),
     seed: int = typer.Option(0, help="Random seed."),
     force: bool = typer.Option(False, help="Replace OUT if it exists."),
 ) -> None:
@@ -67,20 +108,21 @@ def demo(
     from .atomic import atomic_folder
     from .demo import write_demo
 
-    if variant not in ("binary", "ternary"):
-        raise UsageError(f"--variant {variant}: choose binary or ternary")
     with atomic_folder(out, force) as folder:
-        write_demo(folder, variant, seed)
-    console.print(f"wrote demo checkpoint ({variant}, seed {seed}) to {out}")
+        write_demo(folder, variant.value, seed)
+    console.print(f"wrote demo checkpoint ({variant.value}, seed {seed}) to {out}")
 
 
 @app.command()
 def pack(
     source: str = typer.Argument(..., help="diffusers folder, packed bundle, BFL .safetensors, or demo:binary|ternary"),
-    target: str = typer.Option(..., "--target", "-t", help="packed, iphone, ipad, mac or cuda"),
+    target: TargetName = typer.Option(..., "--target", "-t", help="Device target."),
     out: Path = typer.Option(..., "--out", "-o", help="Bundle folder to create."),
-    variant: str = typer.Option("auto", help="auto (detect), binary or ternary"),
-    quantize: str | None = typer.Option(None, help="absmean: lossy projection of full-precision weights"),
+    variant: PackVariant = typer.Option(PackVariant.auto, help="auto (detect), binary or ternary"),
+    quantize: Quantizer | None = typer.Option(None, help="absmean: lossy projection of full-precision weights"),
+    dtype: DenseDtype | None = typer.Option(
+        None, help="Dense float dtype: bfloat16 (MLX default, what the released loaders read) or float16."
+    ),
     force: bool = typer.Option(False, help="Replace OUT if it exists; write even if it does not fit the device."),
     golden: bool = typer.Option(True, "--golden/--no-golden", help="Store the reference output for verify."),
     golden_size: int | None = typer.Option(None, help="Golden image size (default 64 small / 256 full-size)."),
@@ -90,7 +132,13 @@ def pack(
     from .pack import pack as run_pack
 
     options = PackOptions(
-        target=target, variant=variant, quantize=quantize, force=force, golden=golden, golden_size=golden_size
+        target=str(value(target)),
+        variant=str(value(variant)),
+        quantize=value(quantize),
+        force=force,
+        golden=golden,
+        golden_size=golden_size,
+        dtype=value(dtype),
     )
     manifest = run_pack(source, out, options, PackProgress())
     console.print(
@@ -123,7 +171,7 @@ def generate(
     seed: int = typer.Option(0, help="Seed of the shared numpy initial noise."),
     steps: int | None = typer.Option(None, help="Denoising steps (default: the bundle's, 4)."),
     size: str | None = typer.Option(None, help="WxH (default: the device profile's)."),
-    dtype: str | None = typer.Option(None, help="Compute dtype: float16 (default) or float32."),
+    dtype: ComputeDtype | None = typer.Option(None, help="Compute dtype: float16 (default) or float32."),
 ) -> None:
     """Generate an image from a bundle with its target's reference runtime."""
     import io
@@ -155,7 +203,7 @@ def generate(
 
         started = time.perf_counter()
         result = run_generate(
-            bundle, manifest["target"], prompt, seed, steps, width, height, dtype=dtype, on_step=on_step
+            bundle, manifest["target"], prompt, seed, steps, width, height, dtype=value(dtype), on_step=on_step
         )
     if result.truncated:
         console.print("warning: the prompt was longer than the text encoder's 512 tokens and was truncated")
@@ -185,8 +233,8 @@ def tune(bundle: Path = typer.Argument(..., help="A cuda bundle.")) -> None:
 
 @app.command()
 def plan(
-    target: str = typer.Option(..., "--target", "-t", help="packed, iphone, ipad, mac or cuda"),
-    variant: str = typer.Option(..., help="binary or ternary"),
+    target: TargetName = typer.Option(..., "--target", "-t", help="Device target."),
+    variant: VariantName = typer.Option(..., help="binary or ternary"),
     model: str = typer.Option("klein-4b", help="klein-4b (built in) or a source folder/file (headers only)"),
     size: str | None = typer.Option(None, help="WxH for the memory estimate (default: the profile's)"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
@@ -197,6 +245,7 @@ def plan(
     from .plan import plan as make_plan
     from .profiles import profile_for
 
+    target, variant = target.value, variant.value  # type: ignore[assignment]
     width, height = parse_size(size, profile_for(target))
     description = klein_4b() if model == "klein-4b" else describe_source(model)
     report = make_plan(description, target, variant, width, height)
@@ -224,7 +273,7 @@ def verify(
     generate: bool = typer.Option(True, "--generate/--no-generate", help="Run the golden-image check."),
     no_golden: bool = typer.Option(False, "--no-golden", help="Same as --no-generate."),
     min_psnr: float | None = typer.Option(None, help="Minimum PSNR in dB (default 40 fp32, 35 fp16)."),
-    dtype: str | None = typer.Option(None, help="Runtime compute dtype (default: the golden record's)."),
+    dtype: ComputeDtype | None = typer.Option(None, help="Runtime compute dtype (default: the golden record's)."),
 ) -> None:
     """The release gate: integrity, bit-exact weights, and the golden image. Exit 0 only if all checks pass."""
     from rich.table import Table
@@ -234,7 +283,7 @@ def verify(
     from .verify_record import record_pass
 
     options = VerifyOptions(
-        source=source, generate=generate and not no_golden, min_psnr=min_psnr, image=image, dtype=dtype
+        source=source, generate=generate and not no_golden, min_psnr=min_psnr, image=image, dtype=value(dtype)
     )
     result = verify_bundle(bundle, options)
     validate(result, "verify_report", "verify report")

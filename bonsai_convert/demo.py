@@ -32,11 +32,13 @@ TRANSFORMER_CONFIG = dict(
     rope_theta=2000,
     guidance_embeds=False,
 )
+# Qwen3-4B's structure where loaders hardcode it: 36 layers deep (narrow: hidden 64), hidden states 9/18/27, so
+# packing cuts the encoder after layer 27 exactly as for the real model.
 TEXT_ENCODER_CONFIG = dict(
     vocab_size=512,
     hidden_size=64,
     intermediate_size=128,
-    num_hidden_layers=3,
+    num_hidden_layers=36,
     num_attention_heads=4,
     num_key_value_heads=2,
     head_dim=16,
@@ -46,8 +48,10 @@ TEXT_ENCODER_CONFIG = dict(
 # 128 prompt tokens instead of Klein's 512 (the byte-level demo tokenizer spends one token per character):
 # the demo then generates in seconds on MLX's CPU backend.
 MAX_SEQUENCE_LENGTH = 128
-TEXT_ENCODER_OUT_LAYERS = (1, 2, 3)  # joint_attention_dim = 3 layers × hidden 64 (so 4-bit group 64 applies)
-VAE_CONFIG = dict(block_out_channels=(8, 8, 8, 8), layers_per_block=1, latent_channels=32, norm_num_groups=4)
+TEXT_ENCODER_OUT_LAYERS = (9, 18, 27)  # Klein's; joint_attention_dim = 3 layers × hidden 64 (4-bit group 64 applies)
+# Klein's VAE where the loaders hardcode it (decoder conv_in / mid block at 512 channels, GroupNorm 32 groups,
+# 32 latent channels); the outer blocks stay narrow and one layer deep so the demo stays small.
+VAE_CONFIG = dict(block_out_channels=(32, 32, 32, 512), layers_per_block=1, latent_channels=32, norm_num_groups=32)
 SCHEDULER_CONFIG = dict(
     num_train_timesteps=1000,
     shift=3.0,
@@ -59,12 +63,24 @@ SCHEDULER_CONFIG = dict(
     time_shift_type="exponential",
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
-# Minimal Qwen3 chat template; the pipeline calls it with enable_thinking=False.
+# Qwen3's chat template (system / user / assistant turns, reasoning stripped from earlier assistant turns, and the
+# enable_thinking switch the pipeline sets to False); tool calling is left out: the pipeline never uses it.
 CHAT_TEMPLATE = (
-    "{%- for message in messages %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n"
-    "{%- endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n"
-    "{%- if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{%- endif %}"
+    "{%- if messages[0].role == 'system' %}{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}"
     "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.content is string %}{%- set content = message.content %}{%- else %}{%- set content = '' %}"
+    "{%- endif %}"
+    "{%- if (message.role == 'user') or (message.role == 'system' and not loop.first) %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>' + '\\n' }}"
+    "{%- elif message.role == 'assistant' %}"
+    "{%- if '</think>' in content %}{%- set content = content.split('</think>')[-1].lstrip('\\n') %}{%- endif %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif %}{%- endif %}"
 )
 
 

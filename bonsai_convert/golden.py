@@ -6,19 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .layout import json_bytes
+from .layout import GOLDEN_DIR, GoldenPlan, golden_file_specs, golden_settings  # noqa: F401 - re-exported
 from .safetensors_io import SafetensorsWriter, TensorSpec
 from .source import Source
-
-SMALL_MODEL_PARAMETERS = 100_000_000
-GOLDEN_DIR = "golden"
-
-
-def golden_settings(parameters: int, size: int | None) -> tuple[int, str]:
-    """Size and dtype: fp32 at 64² for small models; half precision at 256² for full-size (fits a laptop)."""
-    if parameters < SMALL_MODEL_PARAMETERS:
-        return size or 64, "float32"
-    return size or 256, "bfloat16"
 
 
 def write_tensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
@@ -27,24 +17,6 @@ def write_tensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
     with SafetensorsWriter(path, specs, {"format": "pt"}) as writer:
         for name, array in tensors.items():
             writer.write(name, array)
-
-
-def golden_record(options, size: int, dtype_name: str, out_layers, target) -> dict:
-    """golden.json's content (deterministic: no timestamps, no measured values)."""
-    return {
-        "prompt": options.golden_prompt,
-        "seed": options.golden_seed,
-        "steps": 4,
-        "width": size,
-        "height": size,
-        "guidance_scale": 1.0,
-        "compute_dtype": dtype_name,
-        "text_encoder_out_layers": list(out_layers),
-        "reference": "diffusers Flux2KleinPipeline on the source weights",
-        "text_encoder": "as shipped" + (" (4-bit, dequantized)" if target.quantizes_text_encoder else " (fp16)"),
-        "noise": f"{GOLDEN_DIR}/noise.safetensors",
-        "outputs": f"{GOLDEN_DIR}/reference.safetensors",
-    }
 
 
 def use_shipped_text_encoder(pipeline, target) -> None:
@@ -63,37 +35,23 @@ def use_shipped_text_encoder(pipeline, target) -> None:
             parameter.copy_(torch.from_numpy(np.asarray(shipped, dtype=np.float32)))
 
 
-def write_golden(root: Path, source: Source, options, target) -> str:
-    """Run the reference pipeline with shared numpy noise and store the record; return golden.json's path."""
+def write_golden(root: Path, source: Source, target, golden: GoldenPlan, prompt: str, seed: int) -> str:
+    """Run the reference pipeline with shared numpy noise and store the record; return golden.json's path.
+
+    golden.json itself (the planned record) is written by pack with the layout's other JSON files.
+    """
     import torch
     from bonsai_common.noise import initial_noise
 
     from .reference import reference_pipeline, run_reference
 
-    size, dtype_name = golden_settings(sum(int(np.prod(t.shape)) for t in source.tensors), options.golden_size)
-    noise = initial_noise(options.golden_seed, size, size)
-    pipeline = reference_pipeline(source, getattr(torch, dtype_name))
+    noise = initial_noise(seed, golden.size, golden.size)
+    pipeline = reference_pipeline(source, getattr(torch, golden.dtype))
     use_shipped_text_encoder(pipeline, target)
-    output = run_reference(
-        pipeline, options.golden_prompt, noise, 4, source.text_encoder_out_layers, source.max_sequence_length
-    )
+    output = run_reference(pipeline, prompt, noise, 4, source.text_encoder_out_layers, source.max_sequence_length)
     del pipeline
     folder = root / GOLDEN_DIR
-    folder.mkdir()
+    folder.mkdir(exist_ok=True)
     write_tensors(folder / "noise.safetensors", {"noise": noise})
     write_tensors(folder / "reference.safetensors", {"image": output.image, "latents": output.latents})
-    record = golden_record(options, size, dtype_name, source.text_encoder_out_layers, target)
-    (folder / "golden.json").write_bytes(json_bytes(record))
     return f"{GOLDEN_DIR}/golden.json"
-
-
-def golden_file_specs(size: int) -> dict[str, list[TensorSpec]]:
-    """The tensors of the two golden safetensors files (for size prediction)."""
-    latent = (1, 128, size // 16, size // 16)
-    return {
-        f"{GOLDEN_DIR}/noise.safetensors": [TensorSpec("noise", "F32", latent)],
-        f"{GOLDEN_DIR}/reference.safetensors": [
-            TensorSpec("image", "U8", (size, size, 3)),
-            TensorSpec("latents", "F32", latent),
-        ],
-    }

@@ -2,75 +2,18 @@
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from . import __version__
-from .errors import InputError
+from .description import ModelDescription, fp16_sizes
+from .files import MANIFEST, load_manifest, read_json, safe_relative, sha256_file  # noqa: F401 - re-exported
 from .layout import json_bytes
-from .lowbit import is_low_bit_key
 from .safetensors_io import read_header
 from .schemas import validate
-from .source import Source, read_json, sha256_file
+from .source import Source
+from .summary import FileEntry, numel, summarize  # noqa: F401 - re-exported
 
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-SAFE_PATH = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
-COMPONENTS = ("transformer", "text_encoder", "tokenizer", "vae", "scheduler", "configs", "golden")
-PAYLOAD_COMPONENTS = ("transformer", "text_encoder", "tokenizer", "vae", "scheduler", "configs")
-_LOW_BIT_SUFFIXES = {
-    ".scales": "scales",
-    ".biases": "biases",
-    ".zeros": "zeros",
-    ".metadata": "metadata",
-    ".orig_shape": "metadata",
-    ".meta_scale": "metadata",
-}
-
-
-@dataclass(frozen=True)
-class FileEntry:
-    """A bundle file: relative path, size, and (for safetensors) its tensors' names and data bytes."""
-
-    path: str
-    bytes: int
-    tensors: tuple[tuple[str, int], ...] = ()
-
-
-def component_of(path: str) -> str:
-    top = path.split("/", 1)[0]
-    return top if top in COMPONENTS and "/" in path else "configs"
-
-
-def transformer_part(name: str) -> str:
-    for suffix, part in _LOW_BIT_SUFFIXES.items():
-        if name.endswith(suffix):
-            return part
-    if name.endswith(".W_q") or is_low_bit_key(name):
-        return "low_bit_codes"
-    return "fp16_tensors"
-
-
-def breakdown(entries: list[FileEntry]) -> dict[str, dict]:
-    """Bytes per component; the transformer split into parts (tensor data) plus headers and configs."""
-    components: dict[str, dict] = {}
-    for entry in entries:
-        name = component_of(entry.path)
-        record = components.setdefault(name, {"bytes": 0})
-        record["bytes"] += entry.bytes
-        if name == "transformer":
-            parts = record.setdefault(
-                "parts",
-                {p: 0 for p in ("low_bit_codes", "scales", "biases", "zeros", "metadata", "fp16_tensors")},
-            )
-            parts.setdefault("headers_and_configs", 0)
-            parts["headers_and_configs"] += entry.bytes - sum(size for _, size in entry.tensors)
-            for tensor_name, size in entry.tensors:
-                parts[transformer_part(tensor_name)] += size
-    return dict(sorted(components.items()))
+FORMAT_VERSION = 2
 
 
 def bundle_entries(root: Path) -> list[FileEntry]:
@@ -86,48 +29,6 @@ def bundle_entries(root: Path) -> list[FileEntry]:
             tensors = tuple(sorted((name, info.nbytes) for name, info in infos.items()))
         entries.append(FileEntry(relative, path.stat().st_size, tensors))
     return entries
-
-
-def low_bit_bits_per_weight(components: dict, low_bit_weights: int) -> float:
-    parts = components["transformer"]["parts"]
-    low_bit_bytes = parts["low_bit_codes"] + parts["scales"] + parts["biases"] + parts["zeros"] + parts["metadata"]
-    return low_bit_bytes * 8 / low_bit_weights if low_bit_weights else 0.0
-
-
-def summarize(
-    entries: list[FileEntry], fp16_bytes: dict[str, int], low_bit_weights: int, transformer_weights: int
-) -> dict:
-    """components (+fp16 and reduction), payload and total, bits per weight: shared by manifest, inspect, plan."""
-    components = breakdown(entries)
-    for name, record in components.items():
-        if name in fp16_bytes:
-            record["fp16_bytes"] = fp16_bytes[name]
-            record["reduction"] = round(fp16_bytes[name] / record["bytes"], 4) if record["bytes"] else None
-    payload = sum(record["bytes"] for name, record in components.items() if name in PAYLOAD_COMPONENTS)
-    payload_fp16 = sum(fp16_bytes.values()) + sum(
-        record["bytes"] for name, record in components.items() if name in PAYLOAD_COMPONENTS and name not in fp16_bytes
-    )
-    transformer = components.get("transformer", {})
-    parts = transformer.get("parts", {})
-    tensor_bytes = sum(v for k, v in parts.items() if k != "headers_and_configs")
-    return {
-        "components": components,
-        "payload": {
-            "bytes": payload,
-            "fp16_bytes": payload_fp16,
-            "reduction": round(payload_fp16 / payload, 4) if payload else None,
-        },
-        "total_bytes": sum(entry.bytes for entry in entries),
-        "bits_per_weight": {
-            "low_bit_linears": round(low_bit_bits_per_weight(components, low_bit_weights), 6),
-            "transformer": round(tensor_bytes * 8 / transformer_weights, 6) if transformer_weights else 0.0,
-        },
-        "weights": {"low_bit": low_bit_weights, "transformer": transformer_weights},
-    }
-
-
-def numel(shape) -> int:
-    return int(np.prod(shape, dtype=np.int64)) if len(shape) else 1
 
 
 def dependency_versions() -> dict[str, str]:
@@ -151,6 +52,20 @@ def dependency_versions() -> dict[str, str]:
     return versions
 
 
+def layout_folders(root: Path) -> dict[str, str]:
+    """Component → folder, as pipeline.json records it."""
+    return dict(read_json(root / "pipeline.json").get("folders", {}))
+
+
+def layout_record(target: str, folders: dict[str, str], dense_dtype: str) -> dict:
+    """Which layout the bundle has, and whether PrismML's released loaders can open it."""
+    released = target in ("iphone", "ipad", "mac") and dense_dtype == "BF16"
+    record = {"folders": folders, "dense_dtype": dense_dtype, "released_loaders": released}
+    if target in ("iphone", "ipad", "mac") and not released:
+        record["note"] = "fp16 bundle (--dtype float16): the released MLX loaders read bf16 and cannot use it"
+    return record
+
+
 def build_manifest(
     root: Path,
     source: Source,
@@ -159,15 +74,15 @@ def build_manifest(
     profile: dict,
     digests,
     golden,
-    memory: dict | None = None,
+    memory: dict | None,
+    model: ModelDescription,
+    dense_dtype: str = "F16",
 ) -> dict:
     """Write manifest.json for the bundle at root (validated against schemas/manifest.schema.json)."""
     entries = bundle_entries(root)
     low_bit_weights = sum(numel(t.shape) for t in source.tensors if t.low_bit)
     transformer_weights = sum(numel(t.shape) for t in source.tensors)
-    from .plan import describe, fp16_sizes  # lazy: plan imports this module
-
-    summary = summarize(entries, fp16_sizes(describe(source)), low_bit_weights, transformer_weights)
+    summary = summarize(entries, fp16_sizes(model), low_bit_weights, transformer_weights)
     exact = options.quantize is None and source.packed_exact
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -186,29 +101,10 @@ def build_manifest(
         "weight_digests": digests,
         "golden": golden,
         "memory": memory,
+        "layout": layout_record(options.target, layout_folders(root), dense_dtype),
     }
     validate(manifest, "manifest", f"{root.name}/{MANIFEST}")
     (root / MANIFEST).write_bytes(json_bytes(manifest))
-    return manifest
-
-
-def safe_relative(path: str) -> bool:
-    """A relative path of safe characters with no `..` component (never leaves the bundle)."""
-    return bool(SAFE_PATH.match(path)) and ".." not in path.split("/")
-
-
-def load_manifest(root: Path) -> dict:
-    """Read and schema-validate a bundle's manifest; every path must be a safe relative path."""
-    path = root / MANIFEST
-    if not path.is_file():
-        raise InputError(f"{path}: missing (not a bonsai-convert bundle)")
-    manifest = read_json(path)
-    validate(manifest, "manifest", str(path))
-    for entry in manifest["files"]:
-        if not safe_relative(entry["path"]):
-            raise InputError(f"{path}: file path {entry['path']!r} is not a safe relative path")
-    if manifest["golden"] is not None and not safe_relative(manifest["golden"]):
-        raise InputError(f"{path}: golden path {manifest['golden']!r} is not a safe relative path")
     return manifest
 
 

@@ -12,20 +12,21 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import atomic_folder
+from .description import describe, transformer_shapes_of  # noqa: F401 - transformer_shapes_of re-exported
 from .errors import FitError, InputError, UsageError
 from .layout import (
+    DEFAULT_GOLDEN_PROMPT,
+    TARGETS,
+    BundleLayout,
     ComponentLayout,
+    bundle_layout,
     json_bytes,
-    kept_text_encoder_tensors,
     make_target,
-    text_encoder_layout,
-    transformer_layout,
-    vae_layout,
 )
 from .lowbit import VARIANTS, LowBitTensor, dense_from_codes, needs_ternary, quantize_absmean, split_exact
 from .profiles import profile_for
 from .safetensors_io import SafetensorsFile, SafetensorsWriter
-from .source import Source, component_tensors, open_source, read_json, safe_files_under
+from .source import Source, component_tensors, open_source
 from .targets.base import Target, encode_dense
 
 ROWS_PER_CHUNK = 2048  # rows of a low-bit weight converted at once (bounds memory for 27648 x 3072 tensors)
@@ -39,9 +40,10 @@ class PackOptions:
     quantize: str | None = None
     force: bool = False
     golden: bool = True
-    golden_prompt: str = "a bonsai tree on a wooden table, studio light"
+    golden_prompt: str = DEFAULT_GOLDEN_PROMPT
     golden_seed: int = 0
     golden_size: int | None = None
+    dtype: str | None = None  # dense float dtype: bfloat16 (MLX default) or float16
 
 
 def weight_digest(tensor: LowBitTensor) -> str:
@@ -138,24 +140,23 @@ def _write_dense_component(
     _close_component(root, layout, writers)
 
 
-def write_dense_rows(writer: SafetensorsWriter, tensor) -> None:
-    """Stream a dense tensor to fp16 in row chunks (a 18432 x 3072 modulation never sits in memory whole)."""
+def write_dense_rows(writer: SafetensorsWriter, tensor, float_dtype: str = "F16") -> None:
+    """Stream a dense tensor in row chunks (a 18432 x 3072 modulation never sits in memory whole)."""
     if len(tensor.shape) < 2:
-        writer.write(tensor.name, encode_dense(tensor.name, tensor.load()))
+        writer.write(tensor.name, encode_dense(tensor.name, tensor.load(), float_dtype))
         return
     for start in range(0, tensor.shape[0], ROWS_PER_CHUNK):
         stop = min(tensor.shape[0], start + ROWS_PER_CHUNK)
-        writer.write_rows(tensor.name, encode_dense(tensor.name, tensor.load_rows(start, stop)), start)
-
-
-def transformer_shapes_of(source: Source) -> dict[str, tuple[tuple[int, ...], str]]:
-    return {t.name: (t.shape, t.file.tensors[t.key].dtype) for t in source.tensors}
+        writer.write_rows(tensor.name, encode_dense(tensor.name, tensor.load_rows(start, stop), float_dtype), start)
 
 
 def write_transformer(
-    root: Path, source: Source, target: Target, resolver: VariantResolver, shard_bytes: int, tick: Callable
-) -> tuple[str, ComponentLayout, dict[str, str]]:
-    """Stream every transformer tensor through the codec into the target's shards; return variant and digests."""
+    root: Path, source: Source, target: Target, resolver: VariantResolver, lay_out: Callable, tick: Callable
+) -> tuple[str, BundleLayout, dict[str, str]]:
+    """Stream every transformer tensor through the codec into its planned file; return variant, layout, digests.
+
+    lay_out(variant) gives the bundle layout; it is called once the first low-bit tensor has fixed the variant.
+    """
     digests: dict[str, str] = {}
     low_bit = [t for t in source.tensors if t.low_bit]
     first = low_bit[0] if low_bit else None
@@ -170,7 +171,8 @@ def write_transformer(
     # The first low-bit tensor fixes the variant (auto) before anything is laid out.
     first_tensor = low_bit_tensor(first) if first else None
     variant = resolver.variant or "binary"
-    layout = transformer_layout(target, transformer_shapes_of(source), variant, shard_bytes)
+    bundle = lay_out(variant)
+    layout = bundle.components["transformer"]
     writers = _open_writers(root, layout)
 
     def convert(tensor) -> None:
@@ -179,7 +181,7 @@ def write_transformer(
             digests[tensor.name] = weight_digest(lowbit)
             outputs = target.encode_low_bit(lowbit, variant)
         else:
-            write_dense_rows(writers[tensor.name], tensor)
+            write_dense_rows(writers[tensor.name], tensor, target.dense_dtype)
             outputs = {}
         for name, array in outputs.items():
             writers[name].write(name, array)
@@ -196,82 +198,32 @@ def write_transformer(
             writer.abort()
         raise
     _close_component(root, layout, writers)
-    low_bit_names = [t.name for t in low_bit]
-    config = target.transformer_config(source.transformer_config, variant, low_bit_names)
-    (root / "transformer" / "config.json").write_bytes(json_bytes(config))
-    return variant, layout, dict(sorted(digests.items()))
+    return variant, bundle, dict(sorted(digests.items()))
 
 
-def text_encoder_plan(source: Source, target: Target, shard_bytes: int):
-    """The text encoder's kept tensors, layout and files (or None for a transformer-only source)."""
-    folder = source.components.get("text_encoder")
-    if folder is None:
-        return None
-    config = read_json(folder / "config.json")
-    shapes, files = component_tensors(folder)
-    kept = kept_text_encoder_tensors(shapes, config, source.text_encoder_out_layers, target.truncates_text_encoder)
-    return config, shapes, kept, text_encoder_layout(target, kept, shard_bytes), files
+def copy_file(source_path: Path, destination: Path) -> None:
+    """Copy a tokenizer/scheduler/licence file as it is (no symlinks, no pickles)."""
+    if source_path.suffix in (".bin", ".pt", ".pkl", ".pth", ".ckpt"):
+        raise InputError(f"{source_path}: pickle-based files are refused")
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source_path, destination)
 
 
-def bundle_text_encoder_config(config: dict, target: Target, kept: dict, out_layers: tuple[int, ...]) -> dict:
-    result = target.text_encoder_config(config)
-    if target.truncates_text_encoder:
-        result["num_hidden_layers"] = min(int(config.get("num_hidden_layers", 0)), max(out_layers))
-    return result
-
-
-def pipeline_settings(
-    target_name: str,
-    variant: str,
-    profile: dict,
-    transformer_only: bool,
-    out_layers,
-    te_config: dict | None,
-    max_sequence_length: int = 512,
-) -> dict:
-    """pipeline.json (formats/bundle.md)."""
-    return {
-        "format_version": 1,
-        "target": target_name,
-        "variant": variant,
-        "transformer_only": transformer_only,
-        "text_encoder_out_layers": list(out_layers),
-        "text_encoder_num_hidden_layers": int(te_config["num_hidden_layers"]) if te_config else None,
-        "max_sequence_length": max_sequence_length,
-        "num_inference_steps": 4,
-        "guidance_scale": 1.0,
-        "width": profile["default_width"],
-        "height": profile["default_height"],
-        "vae_tile": profile["vae_tile"],
-        "compute_dtype": profile["compute_dtype"],
-        "profile": profile,
-    }
-
-
-def copy_plain_folder(source_folder: Path, destination: Path) -> None:
-    """Copy the tokenizer or scheduler folder (small JSON/text files; no symlinks, no pickles)."""
-    for path in safe_files_under(source_folder):
-        if path.suffix in (".bin", ".pt", ".pkl", ".pth", ".ckpt"):
-            raise InputError(f"{path}: pickle-based files are refused")
-        relative = path.relative_to(source_folder)
-        (destination / relative).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, destination / relative)
-
-
-def check_fit(source: Source, options: PackOptions, profile: dict) -> dict | None:
+def check_fit(model, source: Source, options: PackOptions, profile: dict) -> dict | None:
     """Memory estimate at the profile's default size; a bundle over the device budget needs --force."""
-    from .plan import describe, plan
+    from .plan import plan
 
     if profile["memory_budget_bytes"] == 0 or source.transformer_only:
         return None
     variant = source.packed_variant or (options.variant if options.variant != "auto" else "ternary")
     memory = plan(
-        describe(source),
+        model,
         options.target,
         variant,
         profile["default_width"],
         profile["default_height"],
         golden=options.golden,
+        dense_dtype=options.dtype,
     )["memory"]
     if not memory["fits"] and not options.force:
         raise FitError(
@@ -300,7 +252,7 @@ def use_mmap_for_large_arrays() -> None:
 
 
 def pack(source_spec: str, out: Path, options: PackOptions, progress=None) -> dict:
-    """Pack SOURCE into a bundle at OUT for options.target; return the manifest."""
+    """Pack SOURCE into a bundle at OUT for options.target (executing its layout); return the manifest."""
     use_mmap_for_large_arrays()
     from .golden import write_golden
     from .manifest import build_manifest
@@ -309,54 +261,67 @@ def pack(source_spec: str, out: Path, options: PackOptions, progress=None) -> di
         raise UsageError(f"--variant {options.variant}: choose auto, binary or ternary")
     if options.quantize not in (None, "absmean"):
         raise UsageError(f"--quantize {options.quantize}: only absmean is supported")
-    target = make_target(options.target) if options.target else None
-    if target is None:
-        raise UsageError("--target is required")
+    if options.target not in TARGETS:
+        raise UsageError(f"--target {options.target}: choose one of {', '.join(TARGETS)}")
+    if options.dtype not in (None, "bfloat16", "float16"):
+        raise UsageError(f"--dtype {options.dtype}: choose bfloat16 or float16")
+    target = make_target(options.target, options.dtype)
     profile = profile_for(options.target)
     source = open_source(source_spec)
+    model = describe(source)
     resolver = VariantResolver(options.variant, options.quantize, source.packed_variant)
     tick = progress.tick if progress else (lambda: None)
-    memory = check_fit(source, options, profile)
-    te = text_encoder_plan(source, target, profile["shard_bytes"])
-    if progress:
-        total = len(source.tensors) + (len(te[2]) if te else 0)
-        if "vae" in source.components:
-            total += len(component_tensors(source.components["vae"])[0])
-        progress.start(f"packing {source_spec} → {options.target}", total)
-    with atomic_folder(out, options.force) as root:
-        variant, _, digests = write_transformer(root, source, target, resolver, profile["shard_bytes"], tick)
-        te_config = None
-        if te:
-            te_config, _, kept, te_layout, te_files = te
-            _write_dense_component(
-                root, te_layout, te_files, target.encode_text_encoder, tick, target.text_encoder_row_separable
-            )
-            config = bundle_text_encoder_config(te_config, target, kept, source.text_encoder_out_layers)
-            (root / "text_encoder" / "config.json").write_bytes(json_bytes(config))
-        if "vae" in source.components:
-            vae_shapes, vae_files = component_tensors(source.components["vae"])
-            (root / "vae").mkdir()
-            _write_dense_component(root, vae_layout(vae_shapes), vae_files, lambda n, v: {n: encode_dense(n, v)}, tick)
-            (root / "vae" / "config.json").write_bytes(json_bytes(read_json(source.components["vae"] / "config.json")))
-        for name in ("tokenizer", "scheduler"):
-            if name in source.components:
-                copy_plain_folder(source.components[name], root / name)
-        settings = pipeline_settings(
-            options.target,
+    memory = check_fit(model, source, options, profile)
+
+    def lay_out(variant: str) -> BundleLayout:
+        return bundle_layout(
+            model,
+            target,
             variant,
             profile,
-            source.transformer_only,
-            source.text_encoder_out_layers,
-            te_config,
-            source.max_sequence_length,
+            golden=options.golden,
+            golden_prompt=options.golden_prompt,
+            golden_seed=options.golden_seed,
+            golden_size=options.golden_size,
         )
-        (root / "pipeline.json").write_bytes(json_bytes(settings))
-        golden = None
-        if options.golden and not source.transformer_only:
+
+    if progress:
+        planned = lay_out(source.packed_variant or "binary")
+        total = sum(len(c.outputs_of) for c in planned.components.values())
+        progress.start(f"packing {source_spec} → {options.target}", total)
+    with atomic_folder(out, options.force) as root:
+        variant, bundle, digests = write_transformer(root, source, target, resolver, lay_out, tick)
+        if "text_encoder" in bundle.components:
+            _, te_files = component_tensors(source.components["text_encoder"])
+            _write_dense_component(
+                root,
+                bundle.components["text_encoder"],
+                te_files,
+                target.encode_text_encoder,
+                tick,
+                target.text_encoder_row_separable,
+            )
+        if "vae" in bundle.components:
+            _, vae_files = component_tensors(source.components["vae"])
+
+            def encode_vae(name: str, values: np.ndarray) -> dict[str, np.ndarray]:
+                return {name: encode_dense(name, values, target.dense_dtype)}
+
+            _write_dense_component(root, bundle.components["vae"], vae_files, encode_vae, tick)
+        for path, copied in bundle.copies:
+            assert copied.path is not None
+            copy_file(copied.path, root / path)
+        golden_json = None
+        if bundle.golden is not None:
             if progress:
                 progress.message("golden record: running the reference pipeline on the source weights")
-            golden = write_golden(root, source, options, target)
-        manifest = build_manifest(root, source, options, variant, profile, digests, golden, memory)
+            golden_json = write_golden(root, source, target, bundle.golden, options.golden_prompt, options.golden_seed)
+        for path, value in bundle.json_files.items():
+            (root / path).parent.mkdir(parents=True, exist_ok=True)
+            (root / path).write_bytes(json_bytes(value))
+        manifest = build_manifest(
+            root, source, options, variant, profile, digests, golden_json, memory, model, target.dense_dtype
+        )
     if progress:
         progress.done()
     return manifest

@@ -6,10 +6,8 @@ Every reader validates headers first and hands out tensors one at a time (memory
 from __future__ import annotations
 
 import atexit
-import hashlib
 import os
 import shutil
-import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,66 +17,22 @@ import numpy as np
 from . import demo
 from .codecs import packed as packed_codec
 from .errors import InputError
+from .files import (  # noqa: F401 - read_json, sha256_file re-exported
+    MAX_JSON_BYTES,
+    is_our_manifest,
+    load_manifest,
+    plain_dir,
+    read_json,
+    safe_files_under,
+    sha256_file,
+)
 from .lowbit import GROUP_SIZE, LowBitTensor, check_group_shape, is_low_bit_key
 from .model_shapes import KLEIN_4B_TRANSFORMER, KLEIN_TEXT_ENCODER_OUT_LAYERS, transformer_shapes
-from .safetensors_io import FLOAT_DTYPES, SafetensorsFile, bf16_bits_to_float32, strict_json_loads
+from .safetensors_io import FLOAT_DTYPES, SafetensorsFile, bf16_bits_to_float32
 
 BFL_PREFIX = "model.diffusion_model."
-MAX_JSON_BYTES = 10_000_000
 DEFAULT_BASE_MODEL = "black-forest-labs/FLUX.2-klein-4B"
 MAX_BFL_ROWS = 1 << 20  # far above any FLUX.2 tensor (27648 rows); bounds the row-index tensors built below
-
-
-def read_json(path: Path) -> dict:
-    """Read a small JSON object file, refusing oversized, non-UTF-8 or non-object content with one line."""
-    try:
-        if path.is_symlink():
-            raise InputError(f"{path}: is a symbolic link (refused)")
-        info = path.stat()
-        if not stat.S_ISREG(info.st_mode):  # a FIFO or device would block or never end
-            raise InputError(f"{path}: not a regular file")
-        if info.st_size > MAX_JSON_BYTES:
-            raise InputError(f"{path}: {info.st_size} bytes is too large for a config file")
-        value = strict_json_loads(path.read_bytes())
-    except FileNotFoundError as error:
-        raise InputError(f"{path}: missing") from error
-    except RecursionError as error:
-        raise InputError(f"{path}: not valid JSON (nested too deeply)") from error
-    except ValueError as error:  # UnicodeDecodeError, JSONDecodeError, duplicate keys, NaN/Infinity
-        raise InputError(f"{path}: not valid JSON ({str(error)[:200]})") from error
-    except OSError as error:
-        raise InputError(f"{path}: cannot read: {error.strerror}") from error
-    if not isinstance(value, dict):
-        raise InputError(f"{path}: expected a JSON object")
-    return value
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    """Streaming sha256 of a file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def plain_dir(path: Path) -> bool:
-    """True if path is a real folder; a symbolic link (which could lead out of the source) is refused."""
-    if path.is_symlink():
-        raise InputError(f"{path}: is a symbolic link (refused: it may point outside the source)")
-    return path.is_dir()
-
-
-def safe_files_under(root: Path) -> list[Path]:
-    """All regular files below root, refusing symlinks (nothing outside the folder is ever followed)."""
-    plain_dir(root)
-    files = []
-    for path in sorted(root.rglob("*")):
-        if path.is_symlink():
-            raise InputError(f"{path}: is a symbolic link (refused: it may point outside {root})")
-        if path.is_file():
-            files.append(path)
-    return files
 
 
 @dataclass(frozen=True)
@@ -132,6 +86,7 @@ class Source:
     text_encoder_out_layers: tuple[int, ...] = KLEIN_TEXT_ENCODER_OUT_LAYERS
     max_sequence_length: int = 512
     base_model: str = DEFAULT_BASE_MODEL
+    text_encoder_prequantized: bool = False  # a released MLX pack's text encoder is already 4-bit
 
     @property
     def transformer_only(self) -> bool:
@@ -267,9 +222,8 @@ def _open_diffusers_folder(root: Path, label: str) -> Source:
     packed_variant = None
     packed_exact = True
     base_model = DEFAULT_BASE_MODEL
-    if manifest_path.exists() or manifest_path.is_symlink():
-        from .manifest import load_manifest  # lazy: manifest imports this module
-
+    if (manifest_path.exists() or manifest_path.is_symlink()) and is_our_manifest(read_json(manifest_path)):
+        # Another tool's manifest.json (PrismML's release has one) is neither trusted nor a reason to refuse.
         manifest = load_manifest(root)  # schema-validated, every listed path a safe relative path
         if manifest.get("target") != "packed":
             raise InputError(f"{manifest_path}: a {manifest.get('target')} bundle is not a source; use a packed bundle")

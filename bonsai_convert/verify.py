@@ -165,7 +165,8 @@ def check_weights(bundle: Path, manifest: dict, source_spec: str | None, checks:
     One tensor at a time: memory stays flat whatever the model size.
     """
     try:
-        tensors = BundleTensors(bundle / "transformer")
+        folder = manifest.get("layout", {}).get("folders", {}).get("transformer", "transformer")
+        tensors = BundleTensors(bundle / folder)
     except InputError as error:
         checks.add("low-bit decode", False, str(error))
         return

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..dtypes import to_bf16_exact, widen
 from ..errors import InputError
 from ..lowbit import GROUP_SIZE
 from . import row_blocks
@@ -17,18 +18,28 @@ BITS = {"binary": 1, "ternary": 2}
 _HALF_FP16_MAX = np.float16(32752.0)  # 2·s must stay finite in fp16
 
 
-def encode(name: str, codes: np.ndarray, scales: np.ndarray, variant: str) -> tuple[np.ndarray, ...]:
-    """int8 codes [out, in] + fp16 scales [out, in/128] → (weight uint32 [out, in·bits/32], scales, biases)."""
+def encode(
+    name: str, codes: np.ndarray, scales: np.ndarray, variant: str, float_dtype: str = "F16"
+) -> tuple[np.ndarray, ...]:
+    """int8 codes [out, in] + group scales [out, in/128] → (weight uint32 [out, in·bits/32], scales, biases).
+
+    float_dtype "BF16" gives scales/biases as bf16 bit patterns (uint16), refusing a scale bf16 cannot hold exactly.
+    """
     bits = BITS[variant]
     out_features, in_features = codes.shape
-    if variant == "binary" and (np.abs(scales) > _HALF_FP16_MAX).any():
+    if float_dtype == "F16" and variant == "binary" and (np.abs(scales) > _HALF_FP16_MAX).any():
         raise InputError(f"{name}: a binary scale above 32752 cannot be stored as an MLX 1-bit scale 2s in fp16")
     words = np.empty((out_features, in_features * bits // 32), dtype="<u4")
     for rows in row_blocks(out_features):
         words[rows] = _pack_rows(codes[rows], variant)
+    words = words.astype(np.uint32, copy=False)
+    if float_dtype == "BF16":
+        s32 = scales.astype(np.float32)
+        mlx_scales = s32 * np.float32(2) if variant == "binary" else s32
+        return words, to_bf16_exact(f"{name} scales", mlx_scales), to_bf16_exact(f"{name} scales", -s32)
     s16 = scales.astype(np.float16)
     mlx_scales = (s16 * np.float16(2)).astype(np.float16) if variant == "binary" else s16
-    return words.astype(np.uint32, copy=False), mlx_scales, (-s16).astype(np.float16)
+    return words, mlx_scales, (-s16).astype(np.float16)
 
 
 def _pack_rows(codes: np.ndarray, variant: str) -> np.ndarray:
@@ -61,10 +72,21 @@ def decode(weight: np.ndarray, scales: np.ndarray, biases: np.ndarray, variant: 
     if in_features < 1 or weight.shape[1] * 32 != in_features * bits:
         raise ValueError(f"{weight.shape[1]} words per row do not hold {in_features} {bits}-bit weights")
     q = unpack(weight, in_features, bits)
-    s = (-biases.astype(np.float16)).astype(np.float16)
-    expected_scales = (s * np.float16(2)).astype(np.float16) if variant == "binary" else s
-    if not np.array_equal(expected_scales.view(np.uint16), scales.astype(np.float16).view(np.uint16)):
-        raise ValueError("scales and biases are not of the exact binary/ternary form")
+    if scales.dtype != np.float16 or biases.dtype != np.float16:  # bf16 (bits or widened): the released packs
+        scale32 = widen(scales, "BF16").astype(np.float32)
+        bias32 = widen(biases, "BF16").astype(np.float32)
+        expected = -(scale32 / np.float32(2)) if variant == "binary" else -scale32
+        relation = "−scales/2" if variant == "binary" else "−scales"
+        if not np.array_equal(expected.view(np.uint32), bias32.view(np.uint32)):
+            raise ValueError(f"biases are not {relation} bit for bit (not an exact {variant} tensor)")
+        s = (-bias32).astype(np.float16)
+        if not np.array_equal(s.astype(np.float32), -bias32):
+            raise ValueError("a group scale does not fit fp16 exactly")
+    else:
+        s = (-biases.astype(np.float16)).astype(np.float16)
+        expected_scales = (s * np.float16(2)).astype(np.float16) if variant == "binary" else s
+        if not np.array_equal(expected_scales.view(np.uint16), scales.astype(np.float16).view(np.uint16)):
+            raise ValueError("scales and biases are not of the exact binary/ternary form")
     if variant == "binary":
         codes = q.astype(np.int8) * 2 - 1
     else:

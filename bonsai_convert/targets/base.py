@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..dtypes import to_bf16_exact, widen  # noqa: F401 - re-exported
 from ..lowbit import LowBitTensor, to_fp16
 from ..safetensors_io import FLOAT_DTYPES, TensorSpec
 
@@ -23,16 +24,16 @@ class Planned:
     source: str
 
 
-def dense_output(name: str, shape: tuple[int, ...], dtype: str) -> Planned:
-    """A tensor kept dense: floats become F16, integer buffers keep their dtype."""
-    out_dtype = "F16" if dtype in FLOAT_DTYPES else dtype
+def dense_output(name: str, shape: tuple[int, ...], dtype: str, float_dtype: str = "F16") -> Planned:
+    """A tensor kept dense: floats become float_dtype (F16 or BF16), integer buffers keep their dtype."""
+    out_dtype = float_dtype if dtype in FLOAT_DTYPES else dtype
     return Planned(TensorSpec(name, out_dtype, tuple(shape)), "fp16_tensors", name)
 
 
-def encode_dense(name: str, values: np.ndarray) -> np.ndarray:
-    """Floats to fp16 with the overflow check; integers unchanged."""
+def encode_dense(name: str, values: np.ndarray, float_dtype: str = "F16") -> np.ndarray:
+    """Floats to fp16 (overflow checked) or exact bf16 bits; integers unchanged."""
     if np.issubdtype(values.dtype, np.floating):
-        return to_fp16(name, values)
+        return to_bf16_exact(name, values) if float_dtype == "BF16" else to_fp16(name, values)
     return np.asarray(values)
 
 
@@ -43,6 +44,18 @@ class Target:
     safetensors_format: str = "pt"
     quantizes_text_encoder: bool = False  # text encoder stored 4-bit (lossy, declared)
     truncates_text_encoder: bool = False  # layers after the last used hidden state dropped (own runtime only)
+    dense_dtype: str = "F16"  # dtype of every dense float tensor (and of scales/biases where the format allows)
+    transformer_file: str | None = None  # one unsharded transformer file of this name, else sharded + index
+    text_encoder_file: str | None = None  # one text-encoder file of this name (+ its index), else sharded
+    tokenizer_in_text_encoder: bool = False  # tokenizer files also inside the text-encoder folder (mlx-lm)
+
+    def folders(self, variant: str) -> dict[str, str]:
+        """Bundle folder of each component (diffusers names unless the target's released layout says otherwise)."""
+        return {name: name for name in ("transformer", "text_encoder", "vae", "tokenizer", "scheduler")}
+
+    def quantization_config(self, variant: str, low_bit_names: list[str], dense_names: list[str]) -> dict | None:
+        """The transformer's quantization_config.json, for targets whose loaders read one."""
+        return None
 
     def low_bit_outputs(self, name: str, shape: tuple[int, int], variant: str) -> list[Planned]:
         raise NotImplementedError
@@ -56,10 +69,10 @@ class Target:
 
     # Text encoder: kept dense (fp16) unless the target quantizes it.
     def text_encoder_outputs(self, name: str, shape: tuple[int, ...], dtype: str) -> list[Planned]:
-        return [dense_output(name, shape, dtype)]
+        return [dense_output(name, shape, dtype, self.dense_dtype)]
 
     def encode_text_encoder(self, name: str, values: np.ndarray) -> dict[str, np.ndarray]:
-        return {name: encode_dense(name, values)}
+        return {name: encode_dense(name, values, self.dense_dtype)}
 
     def text_encoder_row_separable(self, name: str) -> bool:
         """Whether encoding rows separately and stacking them gives the whole tensor's encoding (row-major)."""
@@ -67,7 +80,7 @@ class Target:
 
     def text_encoder_as_shipped(self, name: str, values: np.ndarray) -> np.ndarray:
         """The text-encoder weight as the runtime will see it (what the golden reference must use too)."""
-        return encode_dense(name, values)
+        return widen(encode_dense(name, values, self.dense_dtype), self.dense_dtype)
 
     def text_encoder_config(self, config: dict) -> dict:
         return dict(config)

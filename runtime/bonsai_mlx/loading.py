@@ -28,6 +28,16 @@ def to_dtype(name: str | mx.Dtype) -> mx.Dtype:
         raise BundleError(f"unknown dtype {name!r}; expected one of {sorted(DTYPES)}") from None
 
 
+def component_dir(bundle_dir: Path, settings: Mapping[str, Any], component: str) -> Path:
+    """The folder of a component: pipeline.json's `folders` (the released layout names them
+    `transformer-packed-mflux`, `text_encoder-mlx-4bit`, ...), else the diffusers name."""
+    folders = settings.get("folders") or {}
+    name = folders.get(component, component)
+    if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
+        raise BundleError(f"{bundle_dir}/pipeline.json: folder of {component} is not a plain folder name")
+    return Path(bundle_dir) / name
+
+
 def read_json(path: Path) -> dict[str, Any]:
     """Parse a JSON object file, naming the file in any error."""
     if not path.is_file():

@@ -16,7 +16,7 @@ import mlx.core as mx
 import numpy as np
 from bonsai_common import flow_match_schedule, initial_noise
 
-from .loading import BundleError, read_json, to_dtype
+from .loading import BundleError, component_dir, read_json, to_dtype
 from .text_encoder import PromptTokenizer, load_text_encoder
 from .transformer import Flux2Transformer, load_transformer
 from .vae import VAEDecoder, load_vae, to_uint8
@@ -88,7 +88,7 @@ class MLXPipeline:
         assert self.tokenizer is not None
         tokens = self.tokenizer([prompt], int(self.settings.get("max_sequence_length", 512)))
         encoder = load_text_encoder(
-            self.bundle_dir / "text_encoder",
+            component_dir(self.bundle_dir, self.settings, "text_encoder"),
             self.settings.get("text_encoder_num_hidden_layers"),
             self.text_encoder_dtype,
         )
@@ -198,16 +198,16 @@ def load_pipeline(
     wide = "float32" if compute == mx.float32 else "bfloat16"
     te_dtype = to_dtype(text_encoder_dtype or wide)
     decoder_dtype = to_dtype(vae_dtype or wide)
-    transformer = load_transformer(bundle_dir / "transformer", compute)
+    transformer = load_transformer(component_dir(bundle_dir, settings, "transformer"), compute)
     if settings.get("transformer_only"):
         return MLXPipeline(bundle_dir, settings, transformer, None, None, {}, compute, te_dtype, decoder_dtype)
-    scheduler_config = read_json(bundle_dir / "scheduler" / "scheduler_config.json")
+    scheduler_config = read_json(component_dir(bundle_dir, settings, "scheduler") / "scheduler_config.json")
     return MLXPipeline(
         bundle_dir,
         settings,
         transformer,
-        load_vae(bundle_dir / "vae", decoder_dtype),
-        PromptTokenizer(bundle_dir / "tokenizer"),
+        load_vae(component_dir(bundle_dir, settings, "vae"), decoder_dtype),
+        PromptTokenizer(component_dir(bundle_dir, settings, "tokenizer")),
         scheduler_config,
         compute,
         te_dtype,

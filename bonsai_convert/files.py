@@ -1,0 +1,97 @@
+"""Reading files safely: small JSON configs, streaming sha256, folders without symbolic links, bundle manifests.
+
+The lowest layer of the converter (no other module of the package is imported here but errors/schemas/safetensors).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import stat
+from pathlib import Path
+
+from .errors import InputError
+from .safetensors_io import strict_json_loads
+from .schemas import validate
+
+MAX_JSON_BYTES = 10_000_000
+MANIFEST = "manifest.json"
+SAFE_PATH = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
+
+
+def read_json(path: Path) -> dict:
+    """Read a small JSON object file, refusing oversized, non-UTF-8 or non-object content with one line."""
+    try:
+        if path.is_symlink():
+            raise InputError(f"{path}: is a symbolic link (refused)")
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):  # a FIFO or device would block or never end
+            raise InputError(f"{path}: not a regular file")
+        if info.st_size > MAX_JSON_BYTES:
+            raise InputError(f"{path}: {info.st_size} bytes is too large for a config file")
+        value = strict_json_loads(path.read_bytes())
+    except FileNotFoundError as error:
+        raise InputError(f"{path}: missing") from error
+    except RecursionError as error:
+        raise InputError(f"{path}: not valid JSON (nested too deeply)") from error
+    except ValueError as error:  # UnicodeDecodeError, JSONDecodeError, duplicate keys, NaN/Infinity
+        raise InputError(f"{path}: not valid JSON ({str(error)[:200]})") from error
+    except OSError as error:
+        raise InputError(f"{path}: cannot read: {error.strerror}") from error
+    if not isinstance(value, dict):
+        raise InputError(f"{path}: expected a JSON object")
+    return value
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    """Streaming sha256 of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def plain_dir(path: Path) -> bool:
+    """True if path is a real folder; a symbolic link (which could lead out of the source) is refused."""
+    if path.is_symlink():
+        raise InputError(f"{path}: is a symbolic link (refused: it may point outside the source)")
+    return path.is_dir()
+
+
+def safe_files_under(root: Path) -> list[Path]:
+    """All regular files below root, refusing symlinks (nothing outside the folder is ever followed)."""
+    plain_dir(root)
+    files = []
+    for path in sorted(root.rglob("*")):
+        if path.is_symlink():
+            raise InputError(f"{path}: is a symbolic link (refused: it may point outside {root})")
+        if path.is_file():
+            files.append(path)
+    return files
+
+
+def safe_relative(path: str) -> bool:
+    """A relative path of safe characters with no `..` component (never leaves the bundle)."""
+    return bool(SAFE_PATH.match(path)) and ".." not in path.split("/")
+
+
+def load_manifest(root: Path) -> dict:
+    """Read and schema-validate a bundle's manifest; every path must be a safe relative path."""
+    path = root / MANIFEST
+    if not path.is_file():
+        raise InputError(f"{path}: missing (not a bonsai-convert bundle)")
+    manifest = read_json(path)
+    validate(manifest, "manifest", str(path))
+    for entry in manifest["files"]:
+        if not safe_relative(entry["path"]):
+            raise InputError(f"{path}: file path {entry['path']!r} is not a safe relative path")
+    if manifest["golden"] is not None and not safe_relative(manifest["golden"]):
+        raise InputError(f"{path}: golden path {manifest['golden']!r} is not a safe relative path")
+    return manifest
+
+
+def is_our_manifest(value: dict) -> bool:
+    """Whether a parsed manifest.json was written by bonsai-convert (others, e.g. PrismML's, are not ours)."""
+    tool = value.get("tool")
+    return isinstance(tool, dict) and tool.get("name") == "bonsai-convert"
