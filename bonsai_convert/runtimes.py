@@ -36,8 +36,9 @@ def generate(
 ) -> RuntimeOutput:
     """Run the target's reference runtime on a bundle."""
     if target in MLX_TARGETS:
+        from bonsai_mlx import load_pipeline  # first: it loads a fast BLAS before MLX (bonsai_mlx/blas.py)
+
         import mlx.core as mx
-        from bonsai_mlx import load_pipeline
 
         if dtype is None and mx.default_device() == mx.cpu:
             dtype = "float32"  # MLX's CPU backend has no fast fp16 kernels (a 1-bit fp16 matmul is ~40x slower)

@@ -21,6 +21,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models import qwen3
 
+from .cpu_layers import use_dense_kernels
 from .loading import BundleError, apply_quantization, load_into, load_weights, read_json, to_dtype
 
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -197,4 +198,5 @@ def load_text_encoder(
     model = qwen3.Model(args)
     apply_quantization(model, config.get("quantization"), weights)
     load_into(model, weights, to_dtype(dtype), directory)
+    use_dense_kernels(model)
     return Qwen3Encoder(model, original_num_layers or args.num_hidden_layers)

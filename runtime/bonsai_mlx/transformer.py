@@ -17,6 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .cpu_layers import use_dense_kernels
 from .loading import apply_quantization, load_into, load_weights, read_json, to_dtype
 
 FP16_MAX = 65504.0
@@ -373,4 +374,5 @@ def load_transformer(directory: str | Path, dtype: str | mx.Dtype = "float16") -
     model = Flux2Transformer(Flux2Config.from_dict(config))
     apply_quantization(model, config.get("quantization"), weights)
     load_into(model, weights, to_dtype(dtype), directory)
+    use_dense_kernels(model)
     return model

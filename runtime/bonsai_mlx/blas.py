@@ -1,0 +1,169 @@
+"""A fast BLAS for MLX's Linux CPU backend (REFERENCE.md §12), loaded before MLX makes its first matmul.
+
+MLX's Linux CPU wheel links the reference (netlib) BLAS: an fp32 matmul of a Klein layer is ~30–70× slower than
+an optimized one. MLX calls `cblas_sgemm` (and `cblas_dgemm` / `cblas_cgemm`) through its dynamic symbol table,
+so a library loaded with `RTLD_GLOBAL` that exports those names takes precedence over the netlib one.
+
+Which library: OpenBLAS from the `scipy-openblas32` wheel (the build NumPy and SciPy ship; 32-bit integers, the
+CBLAS ABI MLX was compiled against; self-contained, no libgfortran; ~8 MB). NumPy's own bundled OpenBLAS is the
+64-bit-integer (ILP64) build, whose ABI does not match, and torch's libraries do not export `cblas_sgemm`.
+scipy-openblas prefixes every exported name with `scipy_` (so that it never clashes with a system BLAS), so this
+module writes, once, a copy of that library into a cache folder with the prefix removed from its exported names
+(`scipy_cblas_sgemm` → `cblas_sgemm`) and loads the copy. The rewrite touches only the dynamic symbol table:
+each renamed symbol's name offset moves past the prefix inside the same string, and the GNU hash table is
+rebuilt in place as one bucket (lookups in this library scan its ~5k names once at load: negligible).
+
+Loading happens when `bonsai_mlx` is imported; `BONSAI_MLX_BLAS=0` turns it off, `BONSAI_MLX_BLAS=/path/lib.so`
+loads that library instead (it must export `cblas_sgemm`). On macOS nothing is done (Accelerate / Metal).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import struct
+import sys
+import tempfile
+from pathlib import Path
+
+PREFIX = b"scipy_"
+SHT_DYNSYM = 11
+SHT_GNU_HASH = 0x6FFFFFF6
+REWRITE_VERSION = 1
+
+_loaded: dict[str, str | None] = {}
+
+
+def gnu_hash(name: bytes) -> int:
+    value = 5381
+    for byte in name:
+        value = (value * 33 + byte) & 0xFFFFFFFF
+    return value
+
+
+def _cstring(data: bytes | bytearray, offset: int) -> bytes:
+    end = data.index(b"\0", offset)
+    return bytes(data[offset:end])
+
+
+def unprefix_exports(data: bytes, prefix: bytes = PREFIX) -> tuple[bytearray, int]:
+    """An ELF64 little-endian shared library with `prefix` removed from its defined dynamic symbol names.
+
+    Returns the new bytes and the number of symbols renamed. A name whose unprefixed form is already exported
+    is left alone. Raises ValueError on anything but an ELF64 LE file with .dynsym and .gnu.hash sections.
+    """
+    out = bytearray(data)
+    if out[:4] != b"\x7fELF" or out[4] != 2 or out[5] != 1:
+        raise ValueError("not an ELF64 little-endian file")
+    (shoff,) = struct.unpack_from("<Q", out, 0x28)
+    shentsize, shnum = struct.unpack_from("<HH", out, 0x3A)
+    sections = []
+    for index in range(shnum):
+        base = shoff + index * shentsize
+        _, sh_type, _, _, sh_offset, sh_size, sh_link, _, _, sh_entsize = struct.unpack_from("<IIQQQQIIQQ", out, base)
+        sections.append((sh_type, sh_offset, sh_size, sh_link, sh_entsize))
+    dynsym = next((s for s in sections if s[0] == SHT_DYNSYM), None)
+    gnu = next((s for s in sections if s[0] == SHT_GNU_HASH), None)
+    if dynsym is None or gnu is None:
+        raise ValueError("no .dynsym or .gnu.hash section")
+    strtab_offset = sections[dynsym[3]][1]
+    count = dynsym[2] // 24
+    names: list[bytes] = []
+    for index in range(count):
+        (st_name,) = struct.unpack_from("<I", out, dynsym[1] + index * 24)
+        names.append(_cstring(out, strtab_offset + st_name))
+    defined = set()
+    for index in range(count):
+        (shndx,) = struct.unpack_from("<H", out, dynsym[1] + index * 24 + 6)
+        if shndx != 0:
+            defined.add(names[index])
+    renamed = 0
+    for index in range(count):
+        entry = dynsym[1] + index * 24
+        (shndx,) = struct.unpack_from("<H", out, entry + 6)
+        name = names[index]
+        if shndx == 0 or not name.startswith(prefix) or name[len(prefix) :] in defined:
+            continue
+        (st_name,) = struct.unpack_from("<I", out, entry)
+        struct.pack_into("<I", out, entry, st_name + len(prefix))
+        names[index] = name[len(prefix) :]
+        renamed += 1
+    # GNU hash: one bucket holding every hashed symbol in table order, a bloom filter that always passes.
+    _, symoffset, _, bloom_shift = struct.unpack_from("<IIII", out, gnu[1])
+    hashed = count - symoffset
+    needed = 16 + 8 + 4 + 4 * hashed
+    if needed > gnu[2]:
+        raise ValueError(".gnu.hash too small to rewrite in place")
+    table = struct.pack("<IIII", 1, symoffset, 1, bloom_shift) + struct.pack("<Q", 0xFFFFFFFFFFFFFFFF)
+    table += struct.pack("<I", symoffset if hashed else 0)
+    chain = [gnu_hash(names[i]) & ~1 for i in range(symoffset, count)]
+    if chain:
+        chain[-1] |= 1
+    table += struct.pack(f"<{len(chain)}I", *chain)
+    out[gnu[1] : gnu[1] + gnu[2]] = table + b"\0" * (gnu[2] - len(table))
+    return out, renamed
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "bonsai-mlx"
+
+
+def _unprefixed_copy(source: Path) -> Path:
+    """The cached unprefixed copy of `source` (written atomically on first use)."""
+    stat = source.stat()
+    name = f"libopenblas-unprefixed-v{REWRITE_VERSION}-{stat.st_size}-{int(stat.st_mtime)}.so"
+    for folder in (_cache_dir(), Path(tempfile.gettempdir()) / f"bonsai-mlx-{os.getuid()}"):
+        target = folder / name
+        if target.is_file():
+            return target
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            data, _ = unprefix_exports(source.read_bytes())
+            partial = folder / f".{name}.{os.getpid()}.partial"
+            partial.write_bytes(bytes(data))
+            partial.replace(target)
+            return target
+        except OSError:
+            continue
+    raise OSError("no writable cache folder for the BLAS copy")
+
+
+def find_openblas() -> Path | None:
+    """scipy-openblas32's library file, if that wheel is installed."""
+    try:
+        import scipy_openblas32
+    except ImportError:
+        return None
+    folder = Path(scipy_openblas32.get_lib_dir())
+    candidates = sorted(folder.glob(f"lib{scipy_openblas32.get_library()}*.so*"))
+    return candidates[0] if candidates else None
+
+
+def load_fast_blas() -> str | None:
+    """Load an optimized CBLAS globally (Linux only); returns its path, or None when none was loaded."""
+    if "path" in _loaded:
+        return _loaded["path"]
+    _loaded["path"] = None
+    setting = os.environ.get("BONSAI_MLX_BLAS", "")
+    if not sys.platform.startswith("linux") or setting == "0":
+        return None
+    try:
+        if setting:
+            path = Path(setting)
+        else:
+            source = find_openblas()
+            if source is None:
+                return None
+            path = _unprefixed_copy(source)
+        library = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+        library.cblas_sgemm  # noqa: B018 - raises AttributeError when the symbol is not exported
+    except (OSError, ValueError, AttributeError):
+        return None
+    _loaded["path"] = str(path)
+    return str(path)
+
+
+def loaded_blas() -> str | None:
+    """The path of the BLAS `load_fast_blas` loaded (None: MLX's own)."""
+    return _loaded.get("path")
