@@ -6,8 +6,10 @@ The lowest layer of the converter (no other module of the package is imported he
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import stat
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import InputError
@@ -44,12 +46,50 @@ def read_json(path: Path) -> dict:
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    """Streaming sha256 of a file."""
+    """Streaming sha256 of a file (or the digest `remember_sha256` recorded for it inside `known_sha256()`)."""
+    if _KNOWN is not None:
+        known = _KNOWN.get(_file_key(path))
+        if known is not None:
+            return known if isinstance(known, str) else known.result()
+    return sha256_stream(path, chunk)
+
+
+def sha256_stream(path: Path, chunk: int = 1 << 22, stop=None) -> str:
+    """sha256 of a file's bytes, read once; `stop` (a threading.Event) cancels it (raises InterruptedError)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with open(path, "rb", buffering=0) as handle:
         while block := handle.read(chunk):
             digest.update(block)
+            if stop is not None and stop.is_set():
+                raise InterruptedError(str(path))
     return digest.hexdigest()
+
+
+# Digests computed once during `pack` (by the writer as it writes, or by a reader thread over the source) and
+# reused by the manifest. Only while a known_sha256() block is active: elsewhere (verify) files are always read.
+_KNOWN: dict | None = None
+
+
+def _file_key(path: Path) -> tuple[int, ...]:
+    info = os.stat(path)
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+
+
+@contextmanager
+def known_sha256():
+    """A scope in which remembered digests stand for reading the file (keyed by inode, size and mtime)."""
+    global _KNOWN
+    previous, _KNOWN = _KNOWN, {}
+    try:
+        yield
+    finally:
+        _KNOWN = previous
+
+
+def remember_sha256(path: Path, digest) -> None:
+    """Record the sha256 (a hex str, or a Future of one) of a file as it is now; a no-op outside known_sha256()."""
+    if _KNOWN is not None:
+        _KNOWN[_file_key(path)] = digest
 
 
 def plain_dir(path: Path) -> bool:

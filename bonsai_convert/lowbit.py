@@ -9,7 +9,7 @@ reproduces the fp16 weight bit for bit (ternary zeros decode as +0.0).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -39,6 +39,7 @@ class LowBitTensor:
     name: str
     codes: np.ndarray
     scales: np.ndarray
+    digest: str | None = field(default=None, compare=False, repr=False)  # sha256 of dense(), if known
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -54,6 +55,20 @@ def dense_from_codes(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
 
     code ±1 → the scale's bits, sign flipped for −1 (so 0·(−1) = −0.0 as in IEEE); code 0 → +0.0.
     """
+    from . import kernels
+
+    if kernels.ENABLED and codes.ndim == 2 and codes.dtype == np.int8 and codes.shape[1] % GROUP_SIZE == 0:
+        from .kernels import decode_codes
+
+        out = np.empty(codes.shape, dtype=np.uint16)
+        scale_bits = np.ascontiguousarray(scales, dtype=np.float16).view(np.uint16)
+        decode_codes(np.ascontiguousarray(codes), scale_bits, out)
+        return out.view(np.float16)
+    return dense_from_codes_reference(codes, scales)
+
+
+def dense_from_codes_reference(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """`dense_from_codes` in plain numpy (the specification the compiled kernel is tested against)."""
     out_features, in_features = codes.shape
     grouped = codes.reshape(out_features, in_features // GROUP_SIZE, GROUP_SIZE)
     scale_bits = np.ascontiguousarray(scales, dtype=np.float16).view(np.uint16)[:, :, None]
@@ -135,6 +150,36 @@ def split_exact(name: str, weight: np.ndarray, variant: str) -> LowBitTensor:
         codes[(magnitude == 0) & (scale_bits[..., None] != 0)] = 0
     scales = scale_bits.view(np.float16)
     return LowBitTensor(name, codes.reshape(out_features, in_features), scales)
+
+
+def split_exact_stored(
+    name: str, stored: np.ndarray, stored_dtype: str, variant: str
+) -> tuple[LowBitTensor, np.ndarray]:
+    """`split_exact` of a weight given as stored (bf16 bit patterns as uint16, or f16/f32 values), in one fused
+    compiled pass; also returns the decoded fp16 weight (what `dense_from_codes` gives) as uint16 bit patterns.
+
+    Same codes, scales and errors as `split_exact` on the widened values: on any bad group the plain
+    implementation is rerun to raise its message.
+    """
+    from .kernels import BF16_TO_FP16, split_groups
+
+    check_group_shape(name, stored.shape)
+    if stored_dtype == "BF16":
+        source, use_table = np.ascontiguousarray(stored, dtype=np.uint16), True
+    elif stored_dtype == "F16":
+        source, use_table = np.ascontiguousarray(stored, dtype=np.float16).view(np.uint16), False
+    else:
+        source, use_table = np.ascontiguousarray(to_fp16(name, np.asarray(stored))).view(np.uint16), False
+    rows, cols = source.shape
+    codes = np.empty((rows, cols), dtype=np.int8)
+    scale_bits = np.empty((rows, cols // GROUP_SIZE), dtype=np.uint16)
+    decoded = np.empty((rows, cols), dtype=np.uint16)
+    bad, _ = split_groups(source, BF16_TO_FP16, use_table, variant != "binary", codes, scale_bits, decoded)
+    if bad >= 0:
+        values = (source.astype(np.uint32) << 16).view(np.float32) if use_table else source.view(np.float16)
+        split_exact(name, values, variant)  # raises the message of the first bad group
+        raise AssertionError(f"{name}: compiled split and split_exact disagree")  # pragma: no cover
+    return LowBitTensor(name, codes, scale_bits.view(np.float16)), decoded
 
 
 def quantize_absmean(name: str, weight: np.ndarray, variant: str) -> LowBitTensor:

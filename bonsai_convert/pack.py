@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from . import kernels
 from .atomic import atomic_folder
 from .description import describe, transformer_shapes_of  # noqa: F401 - transformer_shapes_of re-exported
 from .errors import FitError, InputError, UsageError
+from .files import known_sha256, remember_sha256, sha256_stream
 from .layout import (
     DEFAULT_GOLDEN_PROMPT,
     TARGETS,
@@ -23,9 +26,17 @@ from .layout import (
     json_bytes,
     make_target,
 )
-from .lowbit import VARIANTS, LowBitTensor, dense_from_codes, needs_ternary, quantize_absmean, split_exact
+from .lowbit import (
+    VARIANTS,
+    LowBitTensor,
+    dense_from_codes,
+    needs_ternary,
+    quantize_absmean,
+    split_exact,
+    split_exact_stored,
+)
 from .profiles import profile_for
-from .safetensors_io import SafetensorsFile, SafetensorsWriter
+from .safetensors_io import SafetensorsFile, SafetensorsWriter, bf16_bits_to_float32
 from .source import Source, component_tensors, open_source
 from .targets.base import Target, encode_dense
 
@@ -47,7 +58,12 @@ class PackOptions:
 
 
 def weight_digest(tensor: LowBitTensor) -> str:
-    """sha256 of the decoded fp16 weight (C order): what verify checks without the source (row chunks)."""
+    """sha256 of the decoded fp16 weight (C order): what verify checks without the source (row chunks).
+
+    The exact split computes it in the same pass (`LowBitTensor.digest`); other tensors are decoded here.
+    """
+    if tensor.digest is not None:
+        return tensor.digest
     digest = hashlib.sha256()
     for start in range(0, tensor.codes.shape[0], ROWS_PER_CHUNK):
         rows = slice(start, start + ROWS_PER_CHUNK)
@@ -68,23 +84,38 @@ class VariantResolver:
         if quantize and self.variant is None:
             raise UsageError("--quantize absmean needs --variant binary or ternary")
 
-    def split(self, name: str, weight_rows: Callable[[int, int], np.ndarray], rows: int) -> LowBitTensor:
-        """Split a weight (read in row chunks) into codes and scales under the resolved variant."""
+    def split(
+        self,
+        name: str,
+        weight_rows: Callable[[int, int], np.ndarray],
+        rows: int,
+        stored_rows: tuple[Callable[[int, int], np.ndarray], str] | None = None,
+    ) -> LowBitTensor:
+        """Split a weight (read in row chunks) into codes and scales under the resolved variant.
+
+        stored_rows (a reader of the stored values and their safetensors dtype) takes the fused compiled split,
+        which also hashes the decoded weight as it goes (`LowBitTensor.digest`, the manifest's weight digest).
+        """
         variant = self.variant or "ternary"
+        fused = stored_rows is not None and not self.quantize and kernels.ENABLED
+        digest = hashlib.sha256() if fused else None
         codes = scales = None
         for start in range(0, rows, ROWS_PER_CHUNK):
             stop = min(rows, start + ROWS_PER_CHUNK)
-            chunk = weight_rows(start, stop)
-            if self.quantize:
-                part = quantize_absmean(name, chunk, variant)
+            if fused:
+                read, stored_dtype = stored_rows
+                part, decoded = split_exact_stored(name, read(start, stop), stored_dtype, variant)
+                digest.update(decoded)
+            elif self.quantize:
+                part = quantize_absmean(name, weight_rows(start, stop), variant)
             else:
-                part = split_exact(name, chunk, variant)
+                part = split_exact(name, weight_rows(start, stop), variant)
             if codes is None:  # filled in place: no list of chunks and no concatenated copy
                 codes = np.empty((rows, part.codes.shape[1]), dtype=np.int8)
                 scales = np.empty((rows, part.scales.shape[1]), dtype=np.float16)
             codes[start:stop] = part.codes
             scales[start:stop] = part.scales
-        tensor = LowBitTensor(name, codes, scales)
+        tensor = LowBitTensor(name, codes, scales, digest.hexdigest() if digest else None)
         if self.variant is None:
             self.variant = "ternary" if needs_ternary(tensor.codes) else "binary"
         return tensor
@@ -104,6 +135,8 @@ def _open_writers(root: Path, layout: ComponentLayout) -> dict[str, SafetensorsW
 def _close_component(root: Path, layout: ComponentLayout, writers: dict[str, SafetensorsWriter]) -> None:
     for writer in {id(w): w for w in writers.values()}.values():
         writer.close()
+        if writer.sha256 is not None:  # hashed as it was written: the manifest does not read the file again
+            remember_sha256(writer.path, writer.sha256)
     index = layout.index_bytes()
     if index is not None and layout.index_path:
         (root / layout.index_path).write_bytes(index)
@@ -140,14 +173,57 @@ def _write_dense_component(
     _close_component(root, layout, writers)
 
 
+def stored_reader(tensor) -> tuple[Callable[[int, int], np.ndarray], str] | None:
+    """Rows of a source tensor as stored (bf16 as uint16 bits, no widening) and its dtype; None if not float."""
+    dtype = tensor.file.tensors[tensor.key].dtype
+    if dtype not in ("BF16", "F16", "F32") or not tensor.shape:
+        return None
+
+    def read(start: int, stop: int) -> np.ndarray:
+        raw = tensor.file.raw(tensor.key)
+        return np.array(raw[start:stop] if tensor.rows is None else raw[list(tensor.rows[start:stop])])
+
+    return read, dtype
+
+
+def encode_dense_stored(name: str, stored: np.ndarray, stored_dtype: str, float_dtype: str) -> np.ndarray:
+    """`encode_dense` of the widened values, from the stored values in one compiled pass (same bytes, same errors).
+
+    bf16 → BF16 and f16 → F16 are copies with a finiteness check; bf16 → F16 goes through a 65536-entry table.
+    Anything else, or a non-finite value to report, takes `encode_dense` itself.
+    """
+    from .kernels import BF16_TO_FP16, all_finite, convert_table
+
+    if kernels.ENABLED and stored_dtype in ("BF16", "F16") and float_dtype in ("BF16", "F16"):
+        bits = np.ascontiguousarray(stored).view(np.uint16)
+        flat = bits.reshape(-1)
+        if stored_dtype == float_dtype:
+            if all_finite(flat, np.uint16(0x7C00 if float_dtype == "F16" else 0x7F80)):
+                return bits.view(np.float16) if float_dtype == "F16" else bits
+        elif stored_dtype == "BF16":
+            out = np.empty(bits.shape, dtype=np.uint16)
+            if convert_table(flat, BF16_TO_FP16, out.reshape(-1)):
+                return out.view(np.float16)
+    values = bf16_bits_to_float32(stored) if stored_dtype == "BF16" else stored
+    return encode_dense(name, values, float_dtype)
+
+
 def write_dense_rows(writer: SafetensorsWriter, tensor, float_dtype: str = "F16") -> None:
     """Stream a dense tensor in row chunks (a 18432 x 3072 modulation never sits in memory whole)."""
+    stored = stored_reader(tensor)
+
+    def encoded(start: int, stop: int) -> np.ndarray:
+        if stored is None:
+            return encode_dense(tensor.name, tensor.load_rows(start, stop), float_dtype)
+        read, dtype = stored
+        return encode_dense_stored(tensor.name, read(start, stop), dtype, float_dtype)
+
     if len(tensor.shape) < 2:
-        writer.write(tensor.name, encode_dense(tensor.name, tensor.load(), float_dtype))
+        writer.write(tensor.name, encoded(0, tensor.shape[0] if tensor.shape else 1))
         return
     for start in range(0, tensor.shape[0], ROWS_PER_CHUNK):
         stop = min(tensor.shape[0], start + ROWS_PER_CHUNK)
-        writer.write_rows(tensor.name, encode_dense(tensor.name, tensor.load_rows(start, stop), float_dtype), start)
+        writer.write_rows(tensor.name, encoded(start, stop), start)
 
 
 def write_transformer(
@@ -166,7 +242,7 @@ def write_transformer(
             decoded = source.read_low_bit(tensor)
             assert isinstance(decoded, LowBitTensor)
             return decoded
-        return resolver.split(tensor.name, tensor.load_rows, tensor.shape[0])
+        return resolver.split(tensor.name, tensor.load_rows, tensor.shape[0], stored_reader(tensor))
 
     # The first low-bit tensor fixes the variant (auto) before anything is laid out.
     first_tensor = low_bit_tensor(first) if first else None
@@ -234,6 +310,33 @@ def check_fit(model, source: Source, options: PackOptions, profile: dict) -> dic
     return memory
 
 
+class SourceHasher:
+    """sha256 of every source file (the manifest's source identity) on a thread of its own, while pack converts.
+
+    Each file is read once, in order, from the page cache the conversion is filling anyway (or into it, ahead
+    of the conversion, on a cold cache); `sha256_file` inside `known_sha256()` waits for the result.
+    """
+
+    def __init__(self, paths: list[Path]):
+        self._stop = threading.Event()
+        self._jobs = [(path, Future()) for path in paths]
+        for path, future in self._jobs:
+            remember_sha256(path, future)
+        self._thread = threading.Thread(target=self._run, name="source-sha256", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        for path, future in self._jobs:
+            try:
+                future.set_result(sha256_stream(path, stop=self._stop))
+            except BaseException as error:  # noqa: BLE001 - handed to whoever asks for this digest
+                future.set_exception(error)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def use_mmap_for_large_arrays() -> None:
     """Keep peak memory flat across many tensors (glibc only; elsewhere a no-op).
 
@@ -254,9 +357,6 @@ def use_mmap_for_large_arrays() -> None:
 def pack(source_spec: str, out: Path, options: PackOptions, progress=None) -> dict:
     """Pack SOURCE into a bundle at OUT for options.target (executing its layout); return the manifest."""
     use_mmap_for_large_arrays()
-    from .golden import write_golden
-    from .manifest import build_manifest
-
     if options.variant not in ("auto", *VARIANTS):
         raise UsageError(f"--variant {options.variant}: choose auto, binary or ternary")
     if options.quantize not in (None, "absmean"):
@@ -267,7 +367,19 @@ def pack(source_spec: str, out: Path, options: PackOptions, progress=None) -> di
         raise UsageError(f"--dtype {options.dtype}: choose bfloat16 or float16")
     target = make_target(options.target, options.dtype)
     profile = profile_for(options.target)
-    source = open_source(source_spec)
+    with known_sha256():
+        source = open_source(source_spec)
+        hasher = SourceHasher(list(source.files))
+        try:
+            return _pack_source(source, source_spec, out, options, target, profile, progress)
+        finally:
+            hasher.close()
+
+
+def _pack_source(source: Source, source_spec: str, out: Path, options: PackOptions, target, profile, progress) -> dict:
+    from .golden import write_golden
+    from .manifest import build_manifest
+
     model = describe(source)
     resolver = VariantResolver(options.variant, options.quantize, source.packed_variant)
     tick = progress.tick if progress else (lambda: None)

@@ -9,6 +9,7 @@ from shapes alone (so `plan` can predict file sizes byte for byte). Files stay r
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
@@ -260,12 +261,25 @@ def file_size(specs: Iterable[TensorSpec], metadata: dict[str, str] | None = Non
     return len(build_header(specs, metadata)) + sum(spec.nbytes for spec in specs)
 
 
+PENDING_HASH_BYTES = 64 << 20  # out-of-order writes kept in memory for the running sha256 (beyond: re-read)
+
+
 class SafetensorsWriter:
     """Writes a safetensors file tensor by tensor (or in row chunks), in any order and from several threads:
-    offsets come from the specs, fixed up front, and every write is a positional `os.pwrite`."""
+    offsets come from the specs, fixed up front, and every write is a positional `os.pwrite`.
+
+    The file's sha256 is computed while writing (`sha256` after `close`): bytes that land right after what is
+    hashed so far are hashed from memory at once; writes ahead of that are kept (up to PENDING_HASH_BYTES) until
+    the gap before them is filled, and beyond that read back from the page cache when their turn comes."""
 
     def __init__(self, path: Path, specs: Iterable[TensorSpec], metadata: dict[str, str] | None = None):
         self.path = Path(path)
+        self.sha256: str | None = None
+        self._hash = hashlib.sha256()
+        self._hashed = 0  # bytes [0, _hashed) are in _hash
+        self._pending: dict[int, tuple[int, bytes | None]] = {}  # offset → (length, bytes or None: re-read)
+        self._pending_bytes = 0
+        self._hash_lock = threading.Lock()
         self.specs = {spec.name: spec for spec in specs}
         header = build_header(self.specs.values(), metadata)
         self._offsets: dict[str, int] = {}
@@ -277,15 +291,47 @@ class SafetensorsWriter:
         self._written: set[str] = set()
         self._rows_done: dict[str, int] = {}
         self._lock = threading.Lock()
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         self._closed = False
         self._pwrite(header, 0)
 
     def _pwrite(self, data: bytes | memoryview, offset: int) -> None:
         view = memoryview(data).cast("B")
+        start, whole = offset, view
         while view.nbytes:
             written = os.pwrite(self._fd, view, offset)
             view, offset = view[written:], offset + written
+        self._hash_written(whole, start)
+
+    def _hash_written(self, view: memoryview, offset: int) -> None:
+        """Feed the running sha256 in file order (see the class docstring)."""
+        if not view.nbytes:
+            return
+        with self._hash_lock:
+            if offset != self._hashed:
+                keep = self._pending_bytes + view.nbytes <= PENDING_HASH_BYTES
+                self._pending[offset] = (view.nbytes, bytes(view) if keep else None)
+                self._pending_bytes += view.nbytes if keep else 0
+                return
+            self._hash.update(view)
+            self._hashed += view.nbytes
+            while self._hashed in self._pending:
+                length, data = self._pending.pop(self._hashed)
+                if data is None:
+                    self._hash_from_file(self._hashed, length)
+                else:
+                    self._pending_bytes -= length
+                    self._hash.update(data)
+                self._hashed += length
+
+    def _hash_from_file(self, offset: int, length: int) -> None:
+        end = offset + length
+        while offset < end:
+            block = os.pread(self._fd, min(1 << 22, end - offset), offset)
+            if not block:
+                raise RuntimeError(f"{self.path}: short read while hashing at byte {offset}")
+            self._hash.update(block)
+            offset += len(block)
 
     def _check(self, name: str, data: np.ndarray, full: bool) -> TensorSpec:
         spec = self.specs.get(name)
@@ -340,6 +386,9 @@ class SafetensorsWriter:
             self.abort()
             raise RuntimeError(f"{self.path}: {len(missing)} tensors were not written (first: {missing[0]})")
         os.ftruncate(self._fd, self._size)
+        with self._hash_lock:
+            if self._hashed == self._size and not self._pending:
+                self.sha256 = self._hash.hexdigest()
         os.fsync(self._fd)
         self.abort()
 

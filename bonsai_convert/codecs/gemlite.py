@@ -62,6 +62,17 @@ def _metadata(nbits: int, group_size: int, channel_scale_mode: int, group_mode: 
 
 def pack_words(q: np.ndarray, nbits: int) -> np.ndarray:
     """uint8 q [N, K] → int32 words [K/e, N], e = 32/nbits; q[n, k] at bit (k % e)·nbits of word [k//e, n]."""
+    from .. import kernels
+
+    if kernels.ENABLED and q.shape[1] % (PACKING_BITWIDTH // nbits) == 0:
+        words = np.empty((q.shape[1] * nbits // PACKING_BITWIDTH, q.shape[0]), dtype=np.uint32)
+        kernels.pack_words_transposed(np.ascontiguousarray(q, dtype=np.uint8), nbits, words)
+        return words.view(np.int32)
+    return pack_words_reference(q, nbits)
+
+
+def pack_words_reference(q: np.ndarray, nbits: int) -> np.ndarray:
+    """`pack_words` in plain numpy."""
     out_features, in_features = q.shape
     if nbits == 1:
         packed = np.packbits(q, axis=1, bitorder="little")  # bit k % 8 of byte k // 8

@@ -43,7 +43,18 @@ def encode(
 
 
 def _pack_rows(codes: np.ndarray, variant: str) -> np.ndarray:
-    """q packed LSB-first: 1-bit q = (b+1)/2, 2-bit q = t+1 (four 2-bit fields per byte); 4 bytes LE = 1 word."""
+    """q packed LSB-first: 1-bit q = (b+1)/2, 2-bit q = t+1 (16 per word, compiled); 4 bytes LE = 1 word."""
+    from .. import kernels
+
+    if variant != "binary" and kernels.ENABLED and codes.shape[1] % 16 == 0:
+        words = np.empty((codes.shape[0], codes.shape[1] // 16), dtype="<u4")
+        kernels.pack_2bit_words(np.ascontiguousarray(codes, dtype=np.int8), words)
+        return words
+    return _pack_rows_reference(codes, variant)
+
+
+def _pack_rows_reference(codes: np.ndarray, variant: str) -> np.ndarray:
+    """`_pack_rows` in plain numpy (four 2-bit fields per byte)."""
     if variant == "binary":
         return np.packbits(codes > 0, axis=1, bitorder="little").view("<u4")
     q = (codes + 1).astype(np.uint8).reshape(codes.shape[0], codes.shape[1] // 4, 4)

@@ -30,6 +30,17 @@ def encode(codes: np.ndarray, variant: str) -> np.ndarray:
 
 
 def _encode_rows(codes: np.ndarray, variant: str) -> np.ndarray:
+    from .. import kernels
+
+    if variant != "binary" and kernels.ENABLED:
+        out = np.empty((codes.shape[0], code_bytes_per_row(codes.shape[1], variant)), dtype=np.uint8)
+        kernels.pack_ternary_base3(np.ascontiguousarray(codes, dtype=np.int8), out)
+        return out
+    return _encode_rows_reference(codes, variant)
+
+
+def _encode_rows_reference(codes: np.ndarray, variant: str) -> np.ndarray:
+    """`_encode_rows` in plain numpy."""
     if variant == "binary":
         return np.packbits(codes > 0, axis=1, bitorder="little")
     out_features, in_features = codes.shape

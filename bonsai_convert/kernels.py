@@ -1,0 +1,161 @@
+"""Fused, compiled inner loops of `pack` (numba, cached on disk after the first run; every loop releases the GIL).
+
+Each kernel is one pass over a block of rows that does what several numpy passes (and their temporaries) did:
+cast bf16 → fp16 bit patterns through a 65536-entry table, split a group of 128 into codes and a scale, produce
+the decoded fp16 bit patterns that the weight digest hashes, pack codes into the target's words. The kernels only
+detect a problem; the caller reruns the plain numpy implementation to raise the exact error message, so errors
+and output bytes are those of the reference code (tests/test_fast_paths.py checks both).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from numba import njit
+
+GROUP = 128
+# BONSAI_CONVERT_REFERENCE=1 runs the plain numpy implementations instead (the byte-identity tests compare both).
+ENABLED = os.environ.get("BONSAI_CONVERT_REFERENCE", "") != "1"
+
+
+def _bf16_to_fp16_table() -> np.ndarray:
+    """fp16 bit pattern of every bf16 bit pattern (round to nearest even; overflow → ±inf, NaN → NaN)."""
+    wide = (np.arange(1 << 16, dtype=np.uint32) << 16).view(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return wide.astype(np.float16).view(np.uint16)
+
+
+BF16_TO_FP16 = _bf16_to_fp16_table()
+
+
+@njit(nogil=True, cache=True)
+def split_groups(src, table, use_table, ternary, codes, scales, decoded):  # pragma: no cover - compiled
+    """Exact split of rows of fp16 (or bf16, through `table`) bit patterns.
+
+    Writes codes int8 [r, n], scale bits uint16 [r, n/128], decoded fp16 bits uint16 [r, n] (what s·code gives:
+    the input, except a ternary ±0 in a group with s ≠ 0 decodes as +0). Returns (first bad group as a flat
+    index or -1, number of zero codes). A group is bad if it holds a non-finite value or more magnitudes than
+    the variant allows.
+    """
+    rows, cols = src.shape
+    groups = cols // GROUP
+    zero_codes = 0
+    for i in range(rows):
+        for g in range(groups):
+            base = g * GROUP
+            top = np.uint16(0)
+            for k in range(GROUP):
+                b = src[i, base + k]
+                if use_table:
+                    b = table[b]
+                decoded[i, base + k] = b
+                m = b & np.uint16(0x7FFF)
+                top = max(top, m)
+            if top >= np.uint16(0x7C00):  # inf / NaN (the max magnitude is one of them if any is present)
+                return i * groups + g, zero_codes
+            scales[i, g] = top
+            bad = 0
+            zeros = 0
+            for k in range(GROUP):
+                b = decoded[i, base + k]
+                m = b & np.uint16(0x7FFF)
+                at = np.int8(m == top)
+                is_zero = np.int8(m == 0)
+                sign = np.int8(1) - np.int8(2) * np.int8(b >> np.uint16(15))
+                codes[i, base + k] = sign * at
+                decoded[i, base + k] = b * np.uint16(at)
+                if ternary:
+                    bad |= (1 - at) & (1 - is_zero)
+                else:
+                    bad |= 1 - at
+                zeros += 1 - at
+            if bad:
+                return i * groups + g, zero_codes
+            zero_codes += zeros
+    return -1, zero_codes
+
+
+@njit(nogil=True, cache=True)
+def convert_table(src, table, out):  # pragma: no cover - compiled
+    """out = table[src] over flat uint16 arrays; returns True if every result is finite fp16."""
+    finite = True
+    for i in range(src.shape[0]):
+        b = table[src[i]]
+        out[i] = b
+        finite &= (b & np.uint16(0x7C00)) != np.uint16(0x7C00)
+    return finite
+
+
+@njit(nogil=True, cache=True)
+def all_finite(bits, exponent):  # pragma: no cover - compiled
+    """True if no bit pattern of the flat uint16 array has all `exponent` bits set (0x7C00 fp16, 0x7F80 bf16)."""
+    finite = True
+    for i in range(bits.shape[0]):
+        finite &= (bits[i] & exponent) != exponent
+    return finite
+
+
+@njit(nogil=True, cache=True)
+def decode_codes(codes, scales, out):  # pragma: no cover - compiled
+    """fp16 bits of scale·code for int8 codes [r, n] and scale bits [r, n/128] (code 0 → +0, −1 flips the sign)."""
+    rows, cols = codes.shape
+    for i in range(rows):
+        for k in range(cols):
+            c = codes[i, k]
+            s = scales[i, k // GROUP]
+            value = s if c != 0 else np.uint16(0)
+            if c < 0:
+                value ^= np.uint16(0x8000)
+            out[i, k] = value
+
+
+@njit(nogil=True, cache=True)
+def pack_ternary_base3(codes, out):  # pragma: no cover - compiled
+    """formats/packed.md ternary: byte j of a row = Σ_i (t_{5j+i} + 1)·3^i, the last chunk padded with t = 0."""
+    rows, cols = codes.shape
+    full = cols // 5
+    for i in range(rows):
+        for j in range(full):
+            k = 5 * j
+            out[i, j] = np.uint8(
+                (codes[i, k] + 1)
+                + 3 * (codes[i, k + 1] + 1)
+                + 9 * (codes[i, k + 2] + 1)
+                + 27 * (codes[i, k + 3] + 1)
+                + 81 * (codes[i, k + 4] + 1)
+            )
+        if full * 5 < cols:
+            value = 0
+            power = 1
+            for k in range(full * 5, full * 5 + 5):
+                digit = codes[i, k] + 1 if k < cols else 1
+                value += digit * power
+                power *= 3
+            out[i, full] = np.uint8(value)
+
+
+@njit(nogil=True, cache=True)
+def pack_2bit_words(codes, out):  # pragma: no cover - compiled
+    """q = t + 1 packed LSB-first 16 per uint32 word along the row (MLX 2-bit)."""
+    rows, cols = codes.shape
+    words = cols // 16
+    for i in range(rows):
+        for w in range(words):
+            value = np.uint32(0)
+            for j in range(16):
+                value |= np.uint32(codes[i, 16 * w + j] + 1) << np.uint32(2 * j)
+            out[i, w] = value
+
+
+@njit(nogil=True, cache=True)
+def pack_words_transposed(q, nbits, out):  # pragma: no cover - compiled
+    """Gemlite: uint8 q [N, K] → uint32 words [K/e, N], q[n, k] at bit (k % e)·nbits of word [k // e, n]."""
+    n_rows, k_cols = q.shape
+    per_word = 32 // nbits
+    for n in range(n_rows):
+        for w in range(k_cols // per_word):
+            value = np.uint32(0)
+            for j in range(per_word):
+                value |= np.uint32(q[n, w * per_word + j]) << np.uint32(j * nbits)
+            out[w, n] = value

@@ -1,0 +1,186 @@
+"""The compiled fast paths of `pack` change no output byte: each kernel against the plain numpy implementation it
+replaced (kept as the reference), and whole bundles and manifests packed with and without them."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bonsai_convert import kernels
+from bonsai_convert.codecs import gemlite, mlx, packed
+from bonsai_convert.errors import InputError
+from bonsai_convert.lowbit import (
+    dense_from_codes,
+    dense_from_codes_reference,
+    split_exact,
+    split_exact_stored,
+)
+from bonsai_convert.safetensors_io import SafetensorsWriter, TensorSpec, bf16_bits_to_float32
+
+# bf16 bit patterns worth mixing in: ±0, subnormals, fp16-subnormal range, fp16 overflow, ±inf, NaN, max.
+SPECIAL_BF16 = [0x0000, 0x8000, 0x0001, 0x8001, 0x3380, 0x3381, 0x477F, 0x4780, 0x4800, 0x7F80, 0xFF80, 0x7FC0, 0x7F7F]
+
+
+def exact_rows(rng: np.random.Generator, rows: int, groups: int, variant: str) -> np.ndarray:
+    """bf16 bits of an exact binary/ternary weight: per group one magnitude (some groups all zero)."""
+    magnitude = rng.integers(0x0001, 0x4780, size=(rows, groups, 1), dtype=np.uint16)
+    magnitude[rng.random((rows, groups, 1)) < 0.05] = 0
+    bits = np.broadcast_to(magnitude, (rows, groups, 128)).copy()
+    if variant == "ternary":
+        bits[rng.random(bits.shape) < 0.33] = 0
+    bits |= (rng.integers(0, 2, size=bits.shape, dtype=np.uint16) << 15).astype(np.uint16)
+    return bits.reshape(rows, groups * 128)
+
+
+def outcome(function):
+    try:
+        return function()
+    except InputError as error:
+        return str(error)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_fused_split_equals_split_exact(data):
+    variant = data.draw(st.sampled_from(["binary", "ternary", "auto"]))
+    shape_variant = "binary" if variant == "binary" else data.draw(st.sampled_from(["binary", "ternary"]))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    rows, groups = data.draw(st.integers(1, 6)), data.draw(st.integers(1, 4))
+    bits = exact_rows(rng, rows, groups, shape_variant)
+    for _ in range(data.draw(st.integers(0, 3))):  # break some groups (or not: a special may fit the group)
+        r, c = int(rng.integers(rows)), int(rng.integers(groups * 128))
+        bits[r, c] = data.draw(st.sampled_from(SPECIAL_BF16 + [int(rng.integers(0, 1 << 16))]))
+    stored_dtype = data.draw(st.sampled_from(["BF16", "F16", "F32"]))
+    values = bf16_bits_to_float32(bits)
+    if stored_dtype == "BF16":
+        stored = bits
+    elif stored_dtype == "F16":
+        with np.errstate(over="ignore", invalid="ignore"):
+            stored = values.astype(np.float16)
+        values = stored
+    else:
+        stored = values
+    reference = outcome(lambda: split_exact("w", values, variant))
+    fast = outcome(lambda: split_exact_stored("w", stored, stored_dtype, variant))
+    if isinstance(reference, str):
+        assert fast == reference
+        return
+    tensor, decoded = fast
+    assert np.array_equal(tensor.codes, reference.codes)
+    assert np.array_equal(tensor.scales.view(np.uint16), reference.scales.view(np.uint16))
+    expected = dense_from_codes_reference(reference.codes, reference.scales).view(np.uint16)
+    assert np.array_equal(decoded, expected)
+    assert np.array_equal(dense_from_codes(tensor.codes, tensor.scales).view(np.uint16), expected)
+
+
+def test_bf16_to_fp16_table_is_numpy_on_every_bit_pattern():
+    wide = bf16_bits_to_float32(np.arange(1 << 16, dtype=np.uint16))
+    with np.errstate(over="ignore", invalid="ignore"):
+        expected = wide.astype(np.float16).view(np.uint16)
+    finite = np.isfinite(wide)
+    assert np.array_equal(kernels.BF16_TO_FP16[finite], expected[finite])
+    assert np.array_equal(np.isnan(kernels.BF16_TO_FP16.view(np.float16)), np.isnan(expected.view(np.float16)))
+
+
+@pytest.mark.parametrize("cols", [128, 640, 3072, 7, 13, 1])
+def test_codec_kernels_equal_the_numpy_references(cols):
+    rng = np.random.default_rng(cols)
+    codes = rng.integers(-1, 2, size=(37, cols)).astype(np.int8)
+    assert np.array_equal(packed._encode_rows(codes, "ternary"), packed._encode_rows_reference(codes, "ternary"))
+    if cols % 128 == 0:
+        assert np.array_equal(mlx._pack_rows(codes, "ternary"), mlx._pack_rows_reference(codes, "ternary"))
+        for nbits in (1, 2, 4, 8):
+            q = rng.integers(0, 2**nbits, size=(37, cols)).astype(np.uint8)
+            fast, reference = gemlite.pack_words(q, nbits), gemlite.pack_words_reference(q, nbits)
+            assert fast.dtype == reference.dtype and np.array_equal(fast, reference)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_dense_stored_conversion_equals_encode_dense(data):
+    from bonsai_convert.pack import encode_dense_stored
+    from bonsai_convert.targets.base import encode_dense
+
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    bits = (rng.standard_normal((3, 50), dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16)
+    for _ in range(data.draw(st.integers(0, 2))):
+        bits[int(rng.integers(3)), int(rng.integers(50))] = data.draw(st.sampled_from(SPECIAL_BF16))
+    float_dtype = data.draw(st.sampled_from(["F16", "BF16"]))
+    stored_dtype = data.draw(st.sampled_from(["BF16", "F16"]))
+    if stored_dtype == "BF16":
+        stored, values = bits, bf16_bits_to_float32(bits)
+    else:
+        with np.errstate(over="ignore", invalid="ignore"):
+            stored = values = bf16_bits_to_float32(bits).astype(np.float16)
+    reference = outcome(lambda: encode_dense("t", values, float_dtype))
+    fast = outcome(lambda: encode_dense_stored("t", stored, stored_dtype, float_dtype))
+    if isinstance(reference, str):
+        assert fast == reference
+    else:
+        assert fast.dtype == reference.dtype and np.array_equal(fast.view(np.uint16), reference.view(np.uint16))
+
+
+@pytest.mark.parametrize("pending", [1 << 30, 100])
+def test_writer_hashes_what_it_writes_in_any_order(tmp_path, monkeypatch, pending):
+    import bonsai_convert.safetensors_io as io
+
+    monkeypatch.setattr(io, "PENDING_HASH_BYTES", pending)  # 100: most out-of-order writes are read back
+    rng = np.random.default_rng(0)
+    specs = [TensorSpec(f"t{i}", "U8", (int(rng.integers(0, 40)), 3)) for i in range(30)]
+    arrays = {s.name: rng.integers(0, 255, size=s.shape, dtype=np.uint8) for s in specs}
+    writer = SafetensorsWriter(tmp_path / "f.safetensors", specs, {"format": "pt"})
+    for index in rng.permutation(len(specs)):
+        name = specs[index].name
+        rows = arrays[name].shape[0]
+        if rows > 4:  # some tensors in row chunks, the later half first
+            writer.write_rows(name, arrays[name][rows // 2 :], rows // 2)
+            writer.write_rows(name, arrays[name][: rows // 2], 0)
+        else:
+            writer.write(name, arrays[name])
+    writer.close()
+    assert writer.sha256 == hashlib.sha256((tmp_path / "f.safetensors").read_bytes()).hexdigest()
+
+
+def tree_digest(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def klein_width_ternary(tmp_path_factory):
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("syn") / "ternary"
+    script = Path(__file__).resolve().parent.parent / "scripts" / "make_synthetic_checkpoint.py"
+    command = [sys.executable, str(script), str(out), "--variant", "ternary", "--num-layers", "1"]
+    subprocess.run([*command, "--num-single-layers", "1", "--num-attention-heads", "3"], check=True)
+    return out
+
+
+@pytest.mark.parametrize("target", ["packed", "iphone", "cuda"])
+@pytest.mark.parametrize("source", ["demo-binary", "demo-ternary", "synthetic-ternary"])
+def test_bundles_and_manifests_are_byte_identical_without_the_fast_paths(
+    demo_checkpoint, klein_width_ternary, tmp_path, monkeypatch, target, source
+):
+    from bonsai_convert.pack import PackOptions, pack
+
+    path = klein_width_ternary if source == "synthetic-ternary" else demo_checkpoint(source.split("-")[1])
+    fast = pack(str(path), tmp_path / "fast", PackOptions(target=target, golden=False))
+    monkeypatch.setattr(kernels, "ENABLED", False)
+    reference = pack(str(path), tmp_path / "reference", PackOptions(target=target, golden=False))
+    assert fast == reference
+    assert tree_digest(tmp_path / "fast") == tree_digest(tmp_path / "reference")
+    assert (tmp_path / "fast" / "manifest.json").read_bytes() == (tmp_path / "reference" / "manifest.json").read_bytes()
+
+
+def test_reference_switch_is_read_from_the_environment():
+    assert kernels.ENABLED == (os.environ.get("BONSAI_CONVERT_REFERENCE", "") != "1")
