@@ -43,13 +43,21 @@ def write_golden(root: Path, source: Source, target, golden: GoldenPlan, prompt:
     import torch
     from bonsai_common.noise import initial_noise
 
-    from .reference import reference_pipeline, run_reference
+    from .reference import run_reference_phased
 
     noise = initial_noise(seed, golden.size, golden.size)
-    pipeline = reference_pipeline(source, getattr(torch, golden.dtype))
-    use_shipped_text_encoder(pipeline, target)
-    output = run_reference(pipeline, prompt, noise, 4, source.text_encoder_out_layers, source.max_sequence_length)
-    del pipeline
+    # Deployment order (text encoder freed before the transformer; low-bit weights made per layer from codes):
+    # bit for bit the whole-model reference's outputs, in ≤ 8 GB for Klein 4B (tests/test_reference.py).
+    output = run_reference_phased(
+        source,
+        getattr(torch, golden.dtype),
+        prompt,
+        noise,
+        4,
+        source.text_encoder_out_layers,
+        source.max_sequence_length,
+        shipped=target.text_encoder_as_shipped,
+    )
     folder = root / GOLDEN_DIR
     folder.mkdir(exist_ok=True)
     write_tensors(folder / "noise.safetensors", {"noise": noise})

@@ -1,4 +1,14 @@
-"""The reference: diffusers' Flux2KleinPipeline on the source weights (any source kind), run with shared noise."""
+"""The reference: diffusers' Flux2KleinPipeline on the source weights (any source kind), run with shared noise.
+
+Two ways to run it, with the same numbers (tests/test_reference.py checks them bit for bit on the demo):
+- `reference_pipeline` + `run_reference`: the whole pipeline in memory at once (text encoder + dense transformer:
+  ~16 GB in half precision for Klein 4B);
+- `run_reference_phased`: the deployment order, within a 16 GB laptop (≤ 8 GB peak for Klein 4B in bf16):
+  (1) the text encoder, cut after the deepest layer whose hidden states are used, is loaded, encodes the prompt and
+  is freed; (2) the transformer is built with each low-bit linear held as int8 codes + scales (`CodesLinear`): its
+  dense weight — the same values as the whole-model path's — exists only while that layer runs; then the VAE
+  decodes. Runs on CUDA, else Apple MPS, else CPU.
+"""
 
 from __future__ import annotations
 
@@ -28,6 +38,179 @@ def source_transformer(source: Source, dtype):
         state[tensor.name] = torch.from_numpy(np.ascontiguousarray(value)).to(dtype)
     model.load_state_dict(state, assign=True, strict=True)
     return model.eval()
+
+
+def _codes_linear_class():
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    class _CodesLinear(nn.Module):
+        """A bias-free low-bit linear kept as int8 codes [out, in] + fp16 scales [out, in/128]; forward builds the
+        dense weight in the compute dtype (exactly LowBitTensor.dense() cast to it), multiplies, and drops it."""
+
+        def __init__(self, codes: np.ndarray, scales: np.ndarray, dtype, device):
+            super().__init__()
+            self.out_features, self.in_features = codes.shape
+            self.register_buffer("codes", torch.from_numpy(np.ascontiguousarray(codes, dtype=np.int8)).to(device))
+            scales16 = torch.from_numpy(np.ascontiguousarray(scales, dtype=np.float16))
+            self.register_buffer("scales", scales16.to(dtype).to(device))
+            self.compute_dtype = dtype
+
+        def dense_weight(self):
+            groups = self.in_features // 128
+            codes = self.codes.view(self.out_features, groups, 128)
+            magnitude = torch.where(codes != 0, self.scales[:, :, None], torch.zeros((), dtype=self.scales.dtype))
+            weight = torch.where(codes < 0, -magnitude, magnitude)  # code 0 → +0.0, as dense_from_codes
+            return weight.view(self.out_features, self.in_features)
+
+        def forward(self, x):
+            return F.linear(x, self.dense_weight())
+
+        def extra_repr(self) -> str:
+            return f"in_features={self.in_features}, out_features={self.out_features}, int8 codes"
+
+    return _CodesLinear
+
+
+def _replace_module(model, name: str, module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def codes_transformer(source: Source, dtype, device="cpu"):
+    """Flux2Transformer2DModel on the source weights with every low-bit linear as a CodesLinear (1 byte per weight
+    resident instead of 2–4; the dense weight of one layer at a time)."""
+    import torch
+    from accelerate import init_empty_weights
+    from diffusers import Flux2Transformer2DModel
+
+    from .model_shapes import _config_kwargs
+
+    codes_linear = _codes_linear_class()
+    with init_empty_weights():
+        model = Flux2Transformer2DModel(**_config_kwargs(source.transformer_config, Flux2Transformer2DModel))
+    state = {}
+    for tensor in source.tensors:
+        value = source.read_low_bit(tensor) if tensor.low_bit else tensor.load()
+        if isinstance(value, LowBitTensor) and value.codes.shape[1] % 128 == 0:
+            prefix = tensor.name[: -len(".weight")]
+            _replace_module(model, prefix, codes_linear(value.codes, value.scales, dtype, device))
+            continue
+        if isinstance(value, LowBitTensor):
+            value = value.dense()
+        state[tensor.name] = torch.from_numpy(np.ascontiguousarray(value)).to(dtype).to(device)
+        del value
+    model.load_state_dict(state, assign=True, strict=False)
+    missing = [name for name, p in model.named_parameters() if p.device.type == "meta"]
+    if missing:
+        raise ValueError(f"transformer tensors missing from the source: {missing[:3]}")
+    return model.eval()
+
+
+def reference_device():
+    """CUDA if present, else Apple MPS, else CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def cut_text_encoder_config(folder, out_layers):
+    """The text encoder's config cut after its deepest used layer (hidden states of layers ≤ that one unchanged:
+    the last entry is then the raw layer output, not the final-norm output, as in the uncut model)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder)
+    deepest = max(out_layers)
+    if deepest < config.num_hidden_layers:
+        config.num_hidden_layers = deepest
+        if getattr(config, "layer_types", None):
+            config.layer_types = list(config.layer_types[:deepest])
+        config.tie_last_hidden_states = False
+    return config
+
+
+def encode_prompt_phase(
+    source: Source, dtype, prompt: str, out_layers, max_sequence_length: int, shipped=None, device="cpu"
+):
+    """Phase 1: load the cut text encoder (weights as shipped when `shipped(name, float32 array)` is given),
+    encode the prompt with diffusers' own code, free the encoder; returns prompt_embeds on `device`."""
+    import gc
+
+    import torch
+    from diffusers import Flux2KleinPipeline
+    from transformers import AutoTokenizer, Qwen3ForCausalLM
+
+    quiet_libraries()
+    folders = source.components
+    config = cut_text_encoder_config(folders["text_encoder"], out_layers)
+    encoder = Qwen3ForCausalLM.from_pretrained(
+        folders["text_encoder"], config=config, torch_dtype=dtype, use_safetensors=True
+    ).eval()
+    if shipped is not None:
+        with torch.no_grad():
+            for name, parameter in encoder.named_parameters():
+                if name == "lm_head.weight" and encoder.config.tie_word_embeddings:
+                    continue
+                values = shipped(name, parameter.detach().float().numpy())
+                parameter.copy_(torch.from_numpy(np.asarray(values, dtype=np.float32)))
+                del values
+    encoder.to(device)
+    pipe = Flux2KleinPipeline(
+        scheduler=None,
+        vae=None,
+        text_encoder=encoder,
+        tokenizer=AutoTokenizer.from_pretrained(folders["tokenizer"]),
+        transformer=None,
+        is_distilled=True,
+    )
+    with torch.no_grad():
+        embeds, _ = pipe.encode_prompt(
+            prompt=prompt,
+            device=torch.device(device),
+            max_sequence_length=max_sequence_length,
+            text_encoder_out_layers=tuple(out_layers),
+        )
+    del pipe, encoder
+    gc.collect()
+    return embeds
+
+
+def run_reference_phased(
+    source: Source,
+    dtype,
+    prompt: str,
+    noise: np.ndarray,
+    steps: int,
+    out_layers: tuple[int, ...],
+    max_sequence_length: int = 512,
+    shipped=None,
+    device=None,
+) -> ReferenceOutput:
+    """The reference in deployment order (module docstring); the same outputs as `run_reference`."""
+    import gc
+
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
+
+    device = device or reference_device()
+    embeds = encode_prompt_phase(source, dtype, prompt, out_layers, max_sequence_length, shipped, device)
+    folders = source.components
+    pipe = Flux2KleinPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(folders["scheduler"]),
+        vae=AutoencoderKLFlux2.from_pretrained(folders["vae"], torch_dtype=dtype, use_safetensors=True).eval(),
+        text_encoder=None,
+        tokenizer=None,
+        transformer=codes_transformer(source, dtype, device),
+        is_distilled=True,
+    ).to(device)
+    output = run_reference(pipe, None, noise, steps, out_layers, max_sequence_length, prompt_embeds=embeds)
+    del pipe, embeds
+    gc.collect()
+    return output
 
 
 def quiet_libraries() -> None:
@@ -74,8 +257,10 @@ def run_reference(
     steps: int,
     out_layers: tuple[int, ...],
     max_sequence_length: int = 512,
+    prompt_embeds=None,
 ) -> ReferenceOutput:
-    """Generate with diffusers from the given initial noise (NCHW), capturing the final latents."""
+    """Generate with diffusers from the given initial noise (NCHW), capturing the final latents (from `prompt`,
+    or from `prompt_embeds` computed beforehand by `encode_prompt_phase`)."""
     import torch
 
     _, _, latent_h, latent_w = noise.shape
@@ -86,11 +271,13 @@ def run_reference(
         return kwargs
 
     dtype = pipeline.transformer.dtype
+    device = pipeline.transformer.device if hasattr(pipeline.transformer, "device") else torch.device("cpu")
     pipeline.set_progress_bar_config(disable=True)
     with torch.no_grad():
         images = pipeline(
-            prompt=prompt,
-            latents=torch.from_numpy(noise).to(dtype),
+            prompt=prompt if prompt_embeds is None else None,
+            prompt_embeds=prompt_embeds,
+            latents=torch.from_numpy(noise).to(dtype).to(device),
             height=latent_h * 16,
             width=latent_w * 16,
             num_inference_steps=steps,
@@ -100,7 +287,7 @@ def run_reference(
             output_type="np",
             callback_on_step_end=keep_latents,
         ).images
-    packed = captured["latents"].float().numpy()  # (1, H*W, 128), row-major over (h, w)
+    packed = captured["latents"].float().cpu().numpy()  # (1, H*W, 128), row-major over (h, w)
     latents = packed.reshape(1, latent_h, latent_w, -1).transpose(0, 3, 1, 2)
     image = np.clip(np.round(images[0] * 255.0), 0, 255).astype(np.uint8)
     return ReferenceOutput(image=image, latents=np.ascontiguousarray(latents, dtype=np.float32))
