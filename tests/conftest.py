@@ -43,3 +43,11 @@ def demo_bundle(tmp_path_factory, demo_checkpoint):
         return made[key]
 
     return build
+
+
+def bundle_folder(bundle: Path, component: str) -> Path:
+    """A bundle's folder of a component, as its pipeline.json names it (MLX: `transformer-packed-mflux`, ...)."""
+    import json
+
+    folders = json.loads((bundle / "pipeline.json").read_text()).get("folders", {})
+    return bundle / folders.get(component, component)

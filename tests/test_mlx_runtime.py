@@ -28,6 +28,7 @@ from bonsai_mlx.pipeline import latent_ids, text_ids
 from bonsai_mlx.text_encoder import PromptTokenizer, PromptTruncatedWarning, load_text_encoder
 from bonsai_mlx.transformer import load_transformer
 from bonsai_mlx.vae import load_vae, to_uint8
+from conftest import bundle_folder  # noqa: E402
 from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
 from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu as diffusers_mu
 from mlx.utils import tree_flatten
@@ -89,15 +90,18 @@ def reference(bundle):
         if variant not in made:
             pipeline = build_demo_pipeline(variant, seed=0)
             folder = bundle(variant)
-            transformer_state = dequantized_state(folder / "transformer")
-            text_state = dequantized_state(folder / "text_encoder")
+            transformer_state = dequantized_state(bundle_folder(folder, "transformer"))
+            text_state = dequantized_state(bundle_folder(folder, "text_encoder"))
             text_state["lm_head.weight"] = text_state["model.embed_tokens.weight"]
             with torch.no_grad():
                 # The demo's transformer weights are exact in fp16: the bundle must hold them bit for bit.
                 for name, tensor in pipeline.transformer.state_dict().items():
                     assert torch.equal(tensor, transformer_state[name]), name
                 pipeline.transformer.load_state_dict(transformer_state, strict=True)
-                pipeline.text_encoder.load_state_dict(text_state, strict=True)
+                # The bundle stops after the last layer whose hidden state is used (Klein: 27 of 36).
+                result = pipeline.text_encoder.load_state_dict(text_state, strict=False)
+                assert not result.unexpected_keys
+                assert all(int(k.split(".")[2]) >= max(OUT_LAYERS) for k in result.missing_keys), result.missing_keys
             pipeline.set_progress_bar_config(disable=True)
             made[variant] = pipeline
         return made[variant]
@@ -185,7 +189,7 @@ def test_worked_vectors_of_the_spec() -> None:
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_transformer_forward_matches_diffusers(variant: str, bundle, reference) -> None:
-    folder = bundle(variant) / "transformer"
+    folder = bundle_folder(bundle(variant), "transformer")
     model = load_transformer(folder, "float32")
     bits = {"binary": 1, "ternary": 2}[variant]
     for name, module in model.named_modules():
@@ -258,10 +262,12 @@ def test_tokenizer_and_text_encoder_match_transformers(bundle, tmp_path) -> None
 def test_4bit_text_encoder(bundle, reference) -> None:
     """The bundle's 4-bit encoder: equal to transformers on the dequantized weights, near the original ones."""
     folder = bundle("binary")
-    config = json.loads((folder / "text_encoder" / "config.json").read_text())
+    config = json.loads((bundle_folder(folder, "text_encoder") / "config.json").read_text())
     assert config["quantization"] == {"group_size": 64, "bits": 4, "mode": "affine"}
     settings = json.loads((folder / "pipeline.json").read_text())
-    encoder = load_text_encoder(folder / "text_encoder", settings["text_encoder_num_hidden_layers"], "float32")
+    encoder = load_text_encoder(
+        bundle_folder(folder, "text_encoder"), settings["text_encoder_num_hidden_layers"], "float32"
+    )
     quantized = [name for name, m in encoder.model.named_modules() if isinstance(m, nn.QuantizedLinear)]
     assert len(quantized) == 7 * len(encoder.model.model.layers)
     assert isinstance(encoder.model.model.embed_tokens, nn.QuantizedEmbedding)
@@ -276,13 +282,14 @@ def test_4bit_text_encoder(bundle, reference) -> None:
             build_demo_pipeline("binary", seed=0).text_encoder, tokenizer, PROMPT, hidden_states_layers=OUT_LAYERS
         ).numpy()
     assert relative_error(actual, on_shipped) < 1e-5
-    # 4-bit error of the tiny random encoder (one 64-weight group per row): measured 17 % RMS, cosine 0.985.
-    assert np.linalg.norm(actual - original) / np.linalg.norm(original) < 0.25
-    assert (actual * original).sum() / (np.linalg.norm(actual) * np.linalg.norm(original)) > 0.97
+    # 4-bit error of the tiny random encoder (one 64-weight group per row) after 27 of its 36 layers: measured
+    # 32 % RMS; the check above (bundle == transformers on the shipped weights) is the exact one.
+    assert np.linalg.norm(actual - original) / np.linalg.norm(original) < 0.45
+    assert (actual * original).sum() / (np.linalg.norm(actual) * np.linalg.norm(original)) > 0.9
 
 
 def test_vae_decode_matches_diffusers(bundle, reference) -> None:
-    vae = load_vae(bundle("binary") / "vae", "float32")
+    vae = load_vae(bundle_folder(bundle("binary"), "vae"), "float32")
     torch_vae = reference("binary").vae
     latents = np.random.default_rng(2).standard_normal((1, 128, 4, 6), dtype=np.float32)
     with torch.no_grad():
@@ -295,20 +302,22 @@ def test_vae_decode_matches_diffusers(bundle, reference) -> None:
     actual = np.array(vae.decode(z_mlx))
     assert actual.shape == (1, 64, 96, 3)
     assert relative_error(actual, expected) < 1e-5
-    assert np.array_equal(to_uint8(actual[0]), np.round(np.clip(expected[0] / 2 + 0.5, 0, 1) * 255).astype(np.uint8))
+    expected_uint8 = np.round(np.clip(expected[0] / 2 + 0.5, 0, 1) * 255).astype(np.int16)
+    difference = np.abs(to_uint8(actual[0]).astype(np.int16) - expected_uint8)
+    assert difference.max() <= 1 and (difference > 0).mean() < 1e-3  # float rounding at a .5 boundary only
 
 
 def test_tiled_decode_is_close_to_untiled(bundle, monkeypatch) -> None:
     """256² image, 128 px tiles (16 VAE-latent px, overlap 4): per-tile GroupNorm in the up blocks makes it
-    inexact (31 dB on the tiny random VAE; 27 dB if the mid block were tiled too)."""
-    vae = load_vae(bundle("binary") / "vae", "float32")
+    inexact (28.7 dB on the demo's random VAE with its 512-channel decoder start)."""
+    vae = load_vae(bundle_folder(bundle("binary"), "vae"), "float32")
     latents = np.random.default_rng(4).standard_normal((1, 16, 16, 128), dtype=np.float32)
     z = vae.latents_to_vae(mx.array(latents))
     whole = np.array(vae.decode(z))
     assert np.array_equal(np.array(vae.decode_tiled(z, 32, 8)), whole)  # one tile covers the image
     tiled = np.array(vae.decode_tiled(z, 16, 4))
     assert tiled.shape == whole.shape
-    assert psnr(to_uint8(whole[0]), to_uint8(tiled[0])) > 29
+    assert psnr(to_uint8(whole[0]), to_uint8(tiled[0])) > 27
     # The mid-block attention in query chunks is the same computation.
     monkeypatch.setattr(vae_module, "ATTENTION_QUERY_CHUNK", 100)
     assert np.abs(np.array(vae.decode(z)) - whole).max() < 1e-6

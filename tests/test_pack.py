@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import bundle_folder
 
 from bonsai_convert.codecs import mlx as mlx_codec
 from bonsai_convert.codecs import packed as packed_codec
@@ -25,7 +26,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 def bundle_tensors(bundle: Path, component: str = "transformer") -> dict[str, np.ndarray]:
     tensors = {}
-    for path in sorted((bundle / component).glob("*.safetensors")):
+    for path in sorted(bundle_folder(bundle, component).glob("*.safetensors")):
         handle = SafetensorsFile(path)
         for key in handle.keys():
             tensors[key] = handle.load(key)
@@ -58,28 +59,84 @@ def test_packed_bundle_bits_per_weight_and_exact_codes(demo_bundle, demo_checkpo
             assert np.array_equal(stored[name], weight.astype(np.float16)), name
 
 
+RELEASED_MLX_FILES = {
+    "transformer-packed-mflux/config.json",
+    "transformer-packed-mflux/quantization_config.json",
+    "transformer-packed-mflux/diffusion_pytorch_model.safetensors",
+    "text_encoder-mlx-4bit/config.json",
+    "text_encoder-mlx-4bit/model.safetensors",
+    "text_encoder-mlx-4bit/model.safetensors.index.json",
+    "text_encoder-mlx-4bit/tokenizer.json",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.safetensors",
+    "scheduler/scheduler_config.json",
+    "tokenizer/tokenizer.json",
+    "model_index.json",
+}
+
+
 @pytest.mark.parametrize("variant", ["binary", "ternary"])
 @pytest.mark.parametrize("target", ["iphone", "mac"])
-def test_mlx_bundle_dequantizes_exactly(demo_bundle, demo_checkpoint, variant, target):
+def test_mlx_bundle_is_the_released_layout_and_dequantizes_exactly(demo_bundle, demo_checkpoint, variant, target):
+    """An independent decoder (MLX's own safetensors reader + plain mx.dequantize) gives the source weights."""
     import mlx.core as mx
 
     bundle = demo_bundle(variant, target)
-    stored = bundle_tensors(bundle)
-    config = json.loads((bundle / "transformer" / "config.json").read_text())
-    assert config["quantization"] == {"group_size": 128, "bits": mlx_codec.BITS[variant], "mode": "affine"}
-    for name, weight in source_weights(demo_checkpoint(variant)).items():
+    files = {p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file()}
+    assert RELEASED_MLX_FILES <= files, sorted(RELEASED_MLX_FILES - files)
+    folder = bundle / "transformer-packed-mflux"
+    config = json.loads((folder / "config.json").read_text())
+    bits = mlx_codec.BITS[variant]
+    assert config["quantization"] == {"group_size": 128, "bits": bits, "mode": "affine"}
+    quantization = json.loads((folder / "quantization_config.json").read_text())
+    assert (quantization["bits"], quantization["group_size"], quantization["solver"]) == (bits, 128, variant)
+    assert "context_embedder" in quantization["skip_patterns"]
+    stored = mx.load(str(folder / "diffusion_pytorch_model.safetensors"))
+    source = source_weights(demo_checkpoint(variant))
+    assert len(quantization["quantized_layers"]) == sum(is_low_bit_key(n) for n in source)
+    for name, array in stored.items():
+        assert array.dtype == (mx.uint32 if is_low_bit_key(name) else mx.bfloat16), name  # every float is BF16
+    for name, weight in source.items():
         if is_low_bit_key(name):
             prefix = name[: -len(".weight")]
-            dequantized = mx.dequantize(
-                mx.array(stored[name]), mx.array(stored[prefix + ".scales"]), mx.array(stored[prefix + ".biases"]),
-                group_size=128, bits=mlx_codec.BITS[variant],
-            )  # fmt: skip
-            assert np.array_equal(np.array(dequantized), weight.astype(np.float16)), name
+            scales, biases = stored[prefix + ".scales"], stored[prefix + ".biases"]
+            # the loaders' exactness rule, bit for bit: ternary bias = −scale, binary bias = −scale/2
+            relation = -scales if variant == "ternary" else -(scales.astype(mx.float32) / 2).astype(mx.bfloat16)
+            assert np.array_equal(np.array(relation.view(mx.uint16)), np.array(biases.view(mx.uint16))), name
+            dequantized = mx.dequantize(stored[name], scales, biases, group_size=128, bits=bits)
+            assert np.array_equal(np.array(dequantized.astype(mx.float32)), weight), name
         else:
-            assert np.array_equal(stored[name], weight.astype(np.float16)), name
-    text_config = json.loads((bundle / "text_encoder" / "config.json").read_text())
+            assert np.array_equal(np.array(stored[name].astype(mx.float32)), weight), name
+    text = bundle / "text_encoder-mlx-4bit"
+    text_config = json.loads((text / "config.json").read_text())
     assert text_config["quantization"] == {"group_size": 64, "bits": 4, "mode": "affine"}
-    assert "model.layers.0.mlp.down_proj.scales" in bundle_tensors(bundle, "text_encoder")
+    assert text_config["num_hidden_layers"] == 27 and "rope_theta" in text_config  # hidden states 9/18/27 kept
+    text_tensors = mx.load(str(text / "model.safetensors"))
+    assert "model.norm.weight" in text_tensors and "model.layers.26.mlp.down_proj.scales" in text_tensors
+    assert not any(name.startswith("model.layers.27.") for name in text_tensors)
+    assert {a.dtype for a in text_tensors.values()} <= {mx.uint32, mx.bfloat16}
+    vae = mx.load(str(bundle / "vae" / "diffusion_pytorch_model.safetensors"))
+    assert {a.dtype for a in vae.values()} <= {mx.bfloat16, mx.int64}
+
+
+def test_mlx_float16_bundle_is_declared_not_for_the_released_loaders(demo_checkpoint, tmp_path):
+    from bonsai_convert.pack import PackOptions, pack
+
+    manifest = pack(
+        str(demo_checkpoint("binary")), tmp_path / "f16", PackOptions(target="iphone", golden=False, dtype="float16")
+    )
+    assert manifest["layout"]["dense_dtype"] == "F16" and manifest["layout"]["released_loaders"] is False
+    header = SafetensorsFile(tmp_path / "f16/transformer-packed-mflux/diffusion_pytorch_model.safetensors")
+    assert header.tensors["context_embedder.weight"].dtype == "F16"
+
+
+def test_stock_mlx_lm_loads_the_text_encoder_strictly_and_runs_it(demo_bundle):
+    import mlx.core as mx
+    from mlx_lm.utils import load_model
+
+    model, _ = load_model(demo_bundle("ternary", "iphone") / "text_encoder-mlx-4bit", strict=True)
+    logits = model(mx.array([[1, 2, 3, 4]]))
+    assert logits.shape == (1, 4, 512) and bool(mx.isfinite(logits).all())
 
 
 def test_manifest_lists_every_file_with_true_size_and_sha256(demo_bundle):
@@ -153,7 +210,7 @@ def test_packed_bundle_is_a_source_for_mlx(demo_bundle, tmp_path):
     direct = demo_bundle("ternary", "iphone")
     out = tmp_path / "from-packed"
     pack(str(packed), out, PackOptions(target="iphone"))
-    for name in ("transformer/model-00001-of-00001.safetensors", "text_encoder/model-00001-of-00001.safetensors",
+    for name in ("transformer-packed-mflux/diffusion_pytorch_model.safetensors", "text_encoder-mlx-4bit/model.safetensors",
                  "vae/diffusion_pytorch_model.safetensors"):  # fmt: skip
         assert sha256_file(out / name) == sha256_file(direct / name), name
 

@@ -61,14 +61,27 @@ def test_cli_report_and_comparison_image(demo_bundle, tmp_path):
 def test_packed_bundle_passes_without_generation(demo_bundle):
     report = verify_bundle(demo_bundle("binary", "packed"), VerifyOptions())
     assert report["passed"] and report["psnr_db"] is None and not report["generation_checked"]
+    generation = next(c for c in report["checks"] if c["name"] == "generation")
+    assert generation["status"] == "skipped"  # never "pass" for a step that was not checked
+
+
+def test_no_generate_reports_skipped_and_every_other_check_ran(demo_bundle):
+    report = verify_bundle(demo_bundle("ternary", "iphone"), VerifyOptions(generate=False))
+    statuses = {c["name"]: c["status"] for c in report["checks"]}
+    assert statuses.pop("generation") == "skipped"
+    assert {"sha256", "low-bit decode", "weights vs manifest digests"} <= set(statuses)
+    assert set(statuses.values()) == {"pass"}
+    from bonsai_convert.schemas import validate
+
+    validate(report, "verify_report")
 
 
 def _flip_byte(bundle: Path) -> str:
-    path = bundle / "transformer" / "model-00001-of-00001.safetensors"
+    path = bundle / "transformer-packed-mflux" / "diffusion_pytorch_model.safetensors"
     data = bytearray(path.read_bytes())
     data[-100] ^= 0x01
     path.write_bytes(bytes(data))
-    return "transformer/model-00001-of-00001.safetensors: sha256 differs"
+    return "transformer-packed-mflux/diffusion_pytorch_model.safetensors: sha256 differs"
 
 
 def _truncate(bundle: Path) -> str:
@@ -83,8 +96,8 @@ def _missing(bundle: Path) -> str:
 
 
 def _extra(bundle: Path) -> str:
-    (bundle / "transformer" / "notes.txt").write_text("hello")
-    return "transformer/notes.txt: not listed in the manifest"
+    (bundle / "transformer-packed-mflux" / "notes.txt").write_text("hello")
+    return "transformer-packed-mflux/notes.txt: not listed in the manifest"
 
 
 def _edited_manifest(bundle: Path) -> str:
@@ -149,9 +162,22 @@ def test_publish_dry_run_of_a_verified_bundle_writes_the_card(demo_bundle, tmp_p
     bundle = demo_bundle("binary", "mac")
     assert run_verify(bundle).returncode == 0
     card_path = tmp_path / "card.md"
-    result = subprocess.run([sys.executable, "-m", "bonsai_convert", "publish", str(bundle), "--repo-id",
-                             "my-org/bonsai-demo-mac", "--dry-run", "--card-out", str(card_path)],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bonsai_convert",
+            "publish",
+            str(bundle),
+            "--repo-id",
+            "my-org/bonsai-demo-mac",
+            "--dry-run",
+            "--card-out",
+            str(card_path),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     data = ModelCard.load(card_path).data.to_dict()
     assert data["license"] == "apache-2.0" and data["base_model"] == "black-forest-labs/FLUX.2-klein-4B"
@@ -163,7 +189,10 @@ def test_publish_refuses_an_unverified_bundle(demo_bundle, tmp_path):
     bundle = tmp_path / "copy"
     shutil.copytree(demo_bundle("ternary", "packed"), bundle)
     (bundle / "pipeline.json").write_text((bundle / "pipeline.json").read_text() + " ")
-    result = subprocess.run([sys.executable, "-m", "bonsai_convert", "publish", str(bundle), "--repo-id", "a/b",
-                             "--dry-run"], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "bonsai_convert", "publish", str(bundle), "--repo-id", "a/b", "--dry-run"],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 3
     assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
