@@ -291,7 +291,10 @@ def verify(
     for column in ("check", "result", "detail"):
         table.add_column(column)
     for check in result["checks"]:
-        table.add_row(check["name"], "[green]pass[/green]" if check["passed"] else "[red]FAIL[/red]", check["detail"])
+        shown = {"skipped": "[yellow]skipped[/yellow]", "fail": "[red]FAIL[/red]"}.get(check.get("status", ""))
+        table.add_row(
+            check["name"], shown or ("[green]pass[/green]" if check["passed"] else "[red]FAIL[/red]"), check["detail"]
+        )
     Console().print(table)
     if report:
         write_atomically(report, report_json(result).encode())

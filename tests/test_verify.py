@@ -73,7 +73,7 @@ def test_no_generate_reports_skipped_and_every_other_check_ran(demo_bundle):
     assert set(statuses.values()) == {"pass"}
     from bonsai_convert.schemas import validate
 
-    validate(report, "verify_report")
+    validate(report, "verify_report", "report")
 
 
 def _flip_byte(bundle: Path) -> str:
