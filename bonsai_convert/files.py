@@ -21,10 +21,33 @@ MANIFEST = "manifest.json"
 SAFE_PATH = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
 
 
+def hub_blob_link(path: Path) -> bool:
+    """Whether path is a link of a Hugging Face cache snapshot into the same repo's own `blobs/` folder.
+
+    The Hub cache stores `models--ORG--NAME/snapshots/<commit>/<file>` as links to `models--ORG--NAME/blobs/<hash>`;
+    exactly those are followed (to a regular file): any other link is refused wherever a link is checked.
+    """
+    absolute = Path(os.path.abspath(path))
+    for parent in absolute.parents:
+        if parent.parent.name == "snapshots" and parent.parent.parent.name.startswith("models--"):
+            blobs = parent.parent.parent / "blobs"
+            target = Path(os.path.realpath(absolute))
+            # one hop: the link itself points into blobs/ (relative, as huggingface_hub writes it, or absolute)
+            first = Path(os.path.normpath(absolute.parent / os.readlink(absolute)))
+            inside = first.parent == blobs and target.parent == Path(os.path.realpath(blobs))
+            return inside and target.is_file() and not first.is_symlink()
+    return False
+
+
+def refused_link(path: Path) -> bool:
+    """A symbolic link that must not be followed (every link but a Hub-cache snapshot's link into its blobs)."""
+    return path.is_symlink() and not hub_blob_link(path)
+
+
 def read_json(path: Path) -> dict:
     """Read a small JSON object file, refusing oversized, non-UTF-8 or non-object content with one line."""
     try:
-        if path.is_symlink():
+        if refused_link(path):
             raise InputError(f"{path}: is a symbolic link (refused)")
         info = path.stat()
         if not stat.S_ISREG(info.st_mode):  # a FIFO or device would block or never end
@@ -94,7 +117,7 @@ def remember_sha256(path: Path, digest) -> None:
 
 def plain_dir(path: Path) -> bool:
     """True if path is a real folder; a symbolic link (which could lead out of the source) is refused."""
-    if path.is_symlink():
+    if path.is_symlink():  # the Hub cache links files only: a linked folder is always refused
         raise InputError(f"{path}: is a symbolic link (refused: it may point outside the source)")
     return path.is_dir()
 
@@ -104,7 +127,7 @@ def safe_files_under(root: Path) -> list[Path]:
     plain_dir(root)
     files = []
     for path in sorted(root.rglob("*")):
-        if path.is_symlink():
+        if path.is_symlink() and (path.is_dir() or refused_link(path)):
             raise InputError(f"{path}: is a symbolic link (refused: it may point outside {root})")
         if path.is_file():
             files.append(path)

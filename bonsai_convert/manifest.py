@@ -94,7 +94,7 @@ def build_manifest(
         "quantize": options.quantize,
         "base_model": source.base_model,
         "transformer_only": source.transformer_only,
-        "source": {"label": source.label, "kind": source.kind, "files": source.identity()},
+        "source": {"label": source.label, "kind": source.kind, "files": source.identity(), "repo": source.repo},
         "files": [{"path": e.path, "bytes": e.bytes, "sha256": sha256_file(root / e.path)} for e in entries],
         **summary,
         "low_bit_tensors": len(digests),

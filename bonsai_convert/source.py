@@ -23,9 +23,11 @@ from .files import (  # noqa: F401 - read_json, sha256_file re-exported
     load_manifest,
     plain_dir,
     read_json,
+    refused_link,
     safe_files_under,
     sha256_file,
 )
+from .hub_source import download, parse_repo_id
 from .lowbit import GROUP_SIZE, LowBitTensor, check_group_shape, is_low_bit_key
 from .model_shapes import KLEIN_4B_TRANSFORMER, KLEIN_TEXT_ENCODER_OUT_LAYERS, transformer_shapes
 from .safetensors_io import FLOAT_DTYPES, SafetensorsFile, bf16_bits_to_float32
@@ -87,6 +89,7 @@ class Source:
     max_sequence_length: int = 512
     base_model: str = DEFAULT_BASE_MODEL
     text_encoder_prequantized: bool = False  # a released MLX pack's text encoder is already 4-bit
+    repo: dict | None = None  # a Hub source: repo id, requested revision, pinned commit
 
     @property
     def transformer_only(self) -> bool:
@@ -174,14 +177,14 @@ def _transformer_weight_files(folder: Path) -> tuple[list[Path], dict[str, str] 
                 raise InputError(f"{index_files[0]}: shard name {name!r} is not a plain file name")
         paths = [folder / name for name in sorted(set(weight_map.values()))]
         for path in paths:
-            if path.is_symlink():
+            if refused_link(path):
                 raise InputError(f"{path}: is a symbolic link (refused: it may point outside the source)")
             if not path.is_file():
                 raise InputError(f"{path}: shard listed in {index_files[0].name} is missing")
         return paths, weight_map, index_files[0]
     paths = sorted(folder.glob("*.safetensors"))
     for path in paths:
-        if path.is_symlink():
+        if refused_link(path):
             raise InputError(f"{path}: is a symbolic link (refused: it may point outside the source)")
     if not paths:
         raise InputError(f"{folder}: no .safetensors weights")
@@ -445,6 +448,12 @@ def open_source(spec: str, seed: int = 0) -> Source:
         return _open_diffusers_folder(_demo_folder(variant, seed), spec)
     if spec.startswith("demo:"):
         raise InputError(f"{spec}: unknown demo source (use demo:binary or demo:ternary)")
+    repo = parse_repo_id(spec)
+    if repo is not None:
+        snapshot = download(*repo)
+        source = _open_diffusers_folder(snapshot.folder, spec)
+        source.repo = {"repo_id": snapshot.repo_id, "requested_revision": snapshot.requested, "commit": snapshot.commit}
+        return source
     path = Path(spec)
     if path.is_symlink():
         raise InputError(f"{path}: is a symbolic link (refused)")

@@ -264,6 +264,23 @@ class FakeHub:
             assert stored.content is not None
             return stored.content
 
+    def seed_repo(self, repo_id: str, files: dict[str, bytes], private: bool = False) -> str:
+        """Create `repo_id` holding exactly `files` in one commit on main (LFS for weights); return its commit id."""
+        with self.lock:
+            repo = self.repos.setdefault(repo_id, Repo(repo_id=repo_id, private=private))
+            stored: dict[str, StoredFile] = {}
+            for path, content in files.items():
+                if path.endswith(".safetensors") or len(content) > REGULAR_MAX_BYTES:
+                    oid = hashlib.sha256(content).hexdigest()
+                    repo.lfs[oid] = content
+                    pointer = lfs_pointer(oid, len(content))
+                    stored[path] = StoredFile(len(content), git_blob_id(pointer), None, oid, len(pointer))
+                else:
+                    stored[path] = StoredFile(len(content), git_blob_id(content), content)
+            commit = self.new_commit(repo, repo.branches.get("main"), "seed", stored)
+            repo.branches["main"] = commit.oid
+            return commit.oid
+
     # ------------------------------------------------------------------ helpers used by the handler
 
     def take_drop(self, oid: str) -> bool:
@@ -516,7 +533,31 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._storage_complete(repo_id, oid)
         if method == "POST" and len(seg) == 3 and seg[0] == "_lfs_verify":
             return self._lfs_verify(f"{seg[1]}/{seg[2]}")
+        if method in ("GET", "HEAD") and len(seg) >= 5 and seg[2] == "resolve":
+            return self._resolve_file(f"{seg[0]}/{seg[1]}", seg[3], "/".join(seg[4:]))
         return self._unknown(method)
+
+    def _resolve_file(self, repo_id: str, revision: str, path: str) -> int:
+        """`/{repo}/resolve/{rev}/{path}`: a file's bytes (Range answered 206), with the Hub's metadata headers."""
+        self._authorize()
+        with self.hub.lock:
+            commit = self._resolve(self._repo(repo_id), revision)
+            stored = commit.files.get(path)
+            if stored is None:
+                raise _Reply(404, {"error": f"{path} does not exist"}, {"X-Error-Code": "EntryNotFound"})
+            data = self.hub.repos[repo_id].lfs[stored.lfs_oid] if stored.lfs_oid else stored.content
+        assert data is not None
+        headers = {"X-Repo-Commit": commit.oid, "Accept-Ranges": "bytes", "ETag": f'"{stored.blob_id}"'}
+        if stored.lfs_oid:
+            headers.update({"X-Linked-Etag": f'"{stored.lfs_oid}"', "X-Linked-Size": str(stored.size)})
+        status = 200
+        ranged = re.match(r"^bytes=(\d+)-(\d*)$", self.headers.get("Range") or "")
+        if ranged and self.command == "GET":
+            start = int(ranged.group(1))
+            stop = int(ranged.group(2)) + 1 if ranged.group(2) else len(data)
+            headers["Content-Range"] = f"bytes {start}-{stop - 1}/{len(data)}"
+            data, status = data[start:stop], 206
+        return self._send(status, data, headers, content_type="application/octet-stream")
 
     def _unknown(self, method: str) -> int:
         line = f"{method} {self._raw_path}" + (f"?{self._raw_query}" if self._raw_query else "")

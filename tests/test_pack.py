@@ -210,8 +210,11 @@ def test_packed_bundle_is_a_source_for_mlx(demo_bundle, tmp_path):
     direct = demo_bundle("ternary", "iphone")
     out = tmp_path / "from-packed"
     pack(str(packed), out, PackOptions(target="iphone"))
-    for name in ("transformer-packed-mflux/diffusion_pytorch_model.safetensors", "text_encoder-mlx-4bit/model.safetensors",
-                 "vae/diffusion_pytorch_model.safetensors"):  # fmt: skip
+    for name in (
+        "transformer-packed-mflux/diffusion_pytorch_model.safetensors",
+        "text_encoder-mlx-4bit/model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+    ):
         assert sha256_file(out / name) == sha256_file(direct / name), name
 
 
