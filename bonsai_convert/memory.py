@@ -1,10 +1,11 @@
 """Memory model of generation (formats/memory.md): resident weights + activations + VAE decode, per phase.
 
-The transformer and VAE are loaded when the bundle is opened and stay resident (as the MLX runtime does).
-Phases: (1) text encoding, with the text encoder loaded on top and evicted right after; (2) denoising;
-(3) VAE decode (tiled when the profile says so). Tensors stored fp16 are held in the compute dtype (fp32 doubles
-them). Peak = the largest phase; mean active = the denoising phase with half of its peak activations
-(activations rise and fall inside each block), since denoising is almost all of the wall time.
+Phases follow the deployment (and the MLX runtime): (1) text encoding: the VAE (loaded when the bundle is opened)
+and the text encoder, which is evicted right after; (2) denoising: the transformer, loaded after the prompt is
+encoded, plus the VAE; (3) VAE decode (tiled when the profile says so), with the transformer still resident.
+Tensors stored fp16 are held in the compute dtype (fp32 doubles them). Peak = the largest phase; mean active = the
+denoising phase with half of its peak activations (activations rise and fall inside each block), since denoising
+is almost all of the wall time.
 """
 
 from __future__ import annotations
@@ -69,9 +70,9 @@ def estimate_memory(model, components: dict, profile: dict, width: int, height: 
     text_act = text_encoder_activations(model.text_encoder_config, len(model.out_layers), dtype_bytes, text_tokens)
     denoise_act = transformer_activations(model.transformer_config, image_tokens, dtype_bytes, text_tokens)
     decode_act = vae_decode_activations(model.vae_config, width, height, profile["vae_tile"], dtype_bytes)
-    resident = transformer_weights + vae_weights  # loaded when the bundle is opened, kept between images
+    resident = transformer_weights + vae_weights  # after the first prompt: kept between images
     phases = {
-        "text_encoding": resident + text_weights + text_act,
+        "text_encoding": vae_weights + text_weights + text_act,  # the transformer is loaded after encoding
         "denoising": resident + denoise_act,
         "vae_decode": resident + decode_act,
     }
@@ -89,6 +90,6 @@ def estimate_memory(model, components: dict, profile: dict, width: int, height: 
         "budget_bytes": budget,
         "margin_bytes": budget - peak,
         "fits": budget == 0 or peak <= budget,
-        "assumptions": "transformer and VAE resident throughout; text encoder loaded for encoding and evicted after; "
-        "attention scores materialized (upper bound)",
+        "assumptions": "text encoder loaded for encoding and evicted before the transformer is loaded; VAE resident "
+        "throughout; attention scores materialized (upper bound)",
     }

@@ -36,6 +36,9 @@ class GenerationResult:
     step_seconds: list[float] = field(default_factory=list)
     peak_memory_bytes: int = 0
     truncated: bool = False
+    # mx.get_peak_memory() of each phase (reset before it): text_encoding, denoising (includes loading the
+    # transformer the first time), vae_decode.
+    phase_peak_bytes: dict[str, int] = field(default_factory=dict)
 
 
 def text_ids(length: int) -> np.ndarray:
@@ -54,13 +57,15 @@ def latent_ids(height: int, width: int) -> np.ndarray:
 
 
 class MLXPipeline:
-    """A loaded bundle. The text encoder is loaded for each `encode_prompt` and freed right after."""
+    """A loaded bundle, in the deployment's memory order: the text encoder is loaded for each `encode_prompt` and
+    freed right after; the transformer is loaded when first used (after the first prompt was encoded, so the two
+    are never resident together for a first image) and kept for later images."""
 
     def __init__(
         self,
         bundle_dir: Path,
         settings: dict[str, Any],
-        transformer: Flux2Transformer,
+        transformer: Flux2Transformer | Callable[[], Flux2Transformer],
         vae: VAEDecoder | None,
         tokenizer: PromptTokenizer | None,
         scheduler_config: dict[str, Any],
@@ -70,13 +75,24 @@ class MLXPipeline:
     ):
         self.bundle_dir = bundle_dir
         self.settings = settings
-        self.transformer = transformer
+        self._transformer = transformer
         self.vae = vae
         self.tokenizer = tokenizer
         self.scheduler_config = scheduler_config
         self.dtype = dtype
         self.text_encoder_dtype = text_encoder_dtype
         self.vae_dtype = vae_dtype
+
+    @property
+    def transformer(self) -> Flux2Transformer:
+        """The transformer, loaded from the bundle on first use."""
+        if not isinstance(self._transformer, Flux2Transformer):
+            self._transformer = self._transformer()
+        return self._transformer
+
+    @property
+    def transformer_loaded(self) -> bool:
+        return isinstance(self._transformer, Flux2Transformer)
 
     def _require_full_bundle(self) -> None:
         if self.settings.get("transformer_only") or self.vae is None or self.tokenizer is None:
@@ -163,17 +179,25 @@ class MLXPipeline:
             noise = initial_noise(seed, height, width)
         elif noise.ndim != 4 or noise.shape[0] != 1:
             raise ValueError(f"noise must be (1, 128, H/16, W/16), got {noise.shape}")
+        phases: dict[str, int] = {}
         mx.reset_peak_memory()
         embeds, truncated = self.encode_prompt(prompt)
+        phases["text_encoding"] = int(mx.get_peak_memory())
+        mx.reset_peak_memory()
         latents, seconds = self.denoise(embeds, noise, steps, on_step)
         del embeds
+        mx.clear_cache()
+        phases["denoising"] = int(mx.get_peak_memory())
+        mx.reset_peak_memory()
         image = self.decode(latents)
+        phases["vae_decode"] = int(mx.get_peak_memory())
         return GenerationResult(
             image=image,
             latents=latents,
             step_seconds=seconds,
-            peak_memory_bytes=int(mx.get_peak_memory()),
+            peak_memory_bytes=max(phases.values()),
             truncated=truncated,
+            phase_peak_bytes=phases,
         )
 
 
@@ -198,7 +222,13 @@ def load_pipeline(
     wide = "float32" if compute == mx.float32 else "bfloat16"
     te_dtype = to_dtype(text_encoder_dtype or wide)
     decoder_dtype = to_dtype(vae_dtype or wide)
-    transformer = load_transformer(component_dir(bundle_dir, settings, "transformer"), compute)
+    transformer_dir = component_dir(bundle_dir, settings, "transformer")
+    if not (transformer_dir / "config.json").is_file():
+        raise BundleError(f"{transformer_dir / 'config.json'}: missing")
+
+    def transformer() -> Flux2Transformer:  # loaded on first use: after the prompt is encoded (class docstring)
+        return load_transformer(transformer_dir, compute)
+
     if settings.get("transformer_only"):
         return MLXPipeline(bundle_dir, settings, transformer, None, None, {}, compute, te_dtype, decoder_dtype)
     scheduler_config = read_json(component_dir(bundle_dir, settings, "scheduler") / "scheduler_config.json")
