@@ -18,7 +18,7 @@ from .model_shapes import (
     transformer_shapes,
     vae_shapes,
 )
-from .source import Source, component_tensors
+from .source import QuantizedTextEncoder, Source, component_tensors
 
 Shapes = dict[str, tuple[tuple[int, ...], str]]
 # Files that travel from a source's root into the bundle unchanged (licence terms of the weights).
@@ -136,7 +136,10 @@ def describe(source: Source) -> ModelDescription:
     if "text_encoder" in source.components:
         folder = source.components["text_encoder"]
         description.text_encoder_config = read_json(folder / "config.json")
-        description.text_encoder = component_tensors(folder)[0]
+        if source.text_encoder_prequantized:  # planned from the dequantized shapes, as any text encoder
+            description.text_encoder = QuantizedTextEncoder(folder).logical_shapes()
+        else:
+            description.text_encoder = component_tensors(folder)[0]
     if "vae" in source.components:
         description.vae_config = read_json(source.components["vae"] / "config.json")
         description.vae = component_tensors(source.components["vae"])[0]

@@ -35,6 +35,11 @@ def use_shipped_text_encoder(pipeline, target) -> None:
             parameter.copy_(torch.from_numpy(np.asarray(shipped, dtype=np.float32)))
 
 
+def carried_unchanged(source: Source, target) -> bool:
+    """Whether the bundle ships the source's own 4-bit text encoder tensors (MLX pack → MLX target)."""
+    return source.text_encoder_prequantized and target.carries_quantized_text_encoder
+
+
 def write_golden(root: Path, source: Source, target, golden: GoldenPlan, prompt: str, seed: int) -> str:
     """Run the reference pipeline with shared numpy noise and store the record; return golden.json's path.
 
@@ -56,7 +61,8 @@ def write_golden(root: Path, source: Source, target, golden: GoldenPlan, prompt:
         4,
         source.text_encoder_out_layers,
         source.max_sequence_length,
-        shipped=target.text_encoder_as_shipped,
+        # An MLX pack's 4-bit encoder carried unchanged is already as shipped; any other target re-encodes it.
+        shipped=None if carried_unchanged(source, target) else target.text_encoder_as_shipped,
     )
     folder = root / GOLDEN_DIR
     folder.mkdir(exist_ok=True)

@@ -201,6 +201,8 @@ def bundle_text_encoder_config(config: dict, target: Target, out_layers: tuple[i
     result = target.text_encoder_config(config)
     if target.truncates_text_encoder:
         result["num_hidden_layers"] = min(int(config.get("num_hidden_layers", 0)), max(out_layers))
+        if isinstance(result.get("layer_types"), list):  # transformers 5 checks it against num_hidden_layers
+            result["layer_types"] = result["layer_types"][: result["num_hidden_layers"]]
     return result
 
 

@@ -134,6 +134,34 @@ def cut_text_encoder_config(folder, out_layers):
     return config
 
 
+def dequantized_text_encoder(source: Source, config, dtype):
+    """Qwen3 holding an MLX pack's 4-bit text encoder dequantized (scale·q + bias): the weights as shipped."""
+    import torch
+    from transformers import Qwen3ForCausalLM
+
+    from .source import QuantizedTextEncoder
+
+    for key in ("quantization", "quantization_config"):
+        if hasattr(config, key):
+            delattr(config, key)
+    reader = QuantizedTextEncoder(source.components["text_encoder"])
+    with torch.device("meta"):
+        encoder = Qwen3ForCausalLM(config)
+    state = {}
+    for name in encoder.state_dict():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        state[name] = torch.from_numpy(reader.load(name)).to(dtype)
+    encoder.load_state_dict(state, assign=True, strict=False)
+    if config.tie_word_embeddings:
+        encoder.tie_weights()
+    encoder.model.rotary_emb = type(encoder.model.rotary_emb)(config=config)  # its buffers are not in the state
+    left = [name for name, tensor in encoder.state_dict().items() if tensor.is_meta]
+    if left:
+        raise ValueError(f"text encoder tensor {left[0]} not in the pack")
+    return encoder.eval()
+
+
 def encode_prompt_phase(
     source: Source, dtype, prompt: str, out_layers, max_sequence_length: int, shipped=None, device="cpu"
 ):
@@ -148,9 +176,12 @@ def encode_prompt_phase(
     quiet_libraries()
     folders = source.components
     config = cut_text_encoder_config(folders["text_encoder"], out_layers)
-    encoder = Qwen3ForCausalLM.from_pretrained(
-        folders["text_encoder"], config=config, torch_dtype=dtype, use_safetensors=True
-    ).eval()
+    if source.text_encoder_prequantized:
+        encoder = dequantized_text_encoder(source, config, dtype)
+    else:
+        encoder = Qwen3ForCausalLM.from_pretrained(
+            folders["text_encoder"], config=config, torch_dtype=dtype, use_safetensors=True
+        ).eval()
     if shipped is not None:
         with torch.no_grad():
             for name, parameter in encoder.named_parameters():

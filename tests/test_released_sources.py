@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import bundle_folder
 from hub_server import FakeHub
@@ -123,3 +124,79 @@ def test_unknown_repo_is_one_line(tmp_path):
                          env=hub_env(tmp_path, hub.url))  # fmt: skip
     assert result.returncode == 3 and result.stderr.count("\n") == 1, result.stderr
     assert "nobody/nothing: no such repository" in result.stderr
+
+
+# ------------------------------------------------------------------------------------ released MLX packs
+
+
+@pytest.fixture(scope="module")
+def mlx_release(demo_bundle, tmp_path_factory) -> Path:
+    """A stand-in of `prism-ml/bonsai-image-ternary-4B-mlx-2bit`: the released layout, their manifest, no ours."""
+    root = tmp_path_factory.mktemp("mlx-release") / "repo"
+    shutil.copytree(demo_bundle("ternary", "iphone"), root)
+    shutil.rmtree(root / "golden")
+    (root / "pipeline.json").unlink()
+    (root / "manifest.json").write_text(json.dumps({"model_version": "ternary g128 mlx 2-bit", "files": 11}))
+    (root / "LICENSE").write_text("FLUX.2 [klein] Non-Commercial License (stand-in)\n")
+    return root
+
+
+@pytest.mark.parametrize("target", ["packed", "cuda", "mac"])
+def test_released_mlx_pack_repacks_bit_exactly(mlx_release, demo_bundle, tmp_path, target):
+    out = tmp_path / "bundle"
+    manifest = pack(str(mlx_release), out, PackOptions(target=target, golden=False))
+    assert manifest["source"]["kind"] == "mlx" and manifest["variant"] == "ternary" and manifest["exact"]
+    reference = demo_bundle("ternary", target)
+    for path in sorted(bundle_folder(out, "transformer").glob("*.safetensors")):
+        assert sha256_file(path) == sha256_file(bundle_folder(reference, "transformer") / path.name), path.name
+    assert manifest["weight_digests"] == load_manifest(reference)["weight_digests"]
+    if target == "mac":  # the 4-bit text encoder travels unchanged between MLX profiles
+        name = "text_encoder-mlx-4bit/model.safetensors"
+        assert sha256_file(out / name) == sha256_file(mlx_release / name)
+
+
+def test_released_mlx_pack_to_cuda_regenerates_its_golden_image(mlx_release, tmp_path):
+    from bonsai_convert.verify import VerifyOptions, verify_bundle
+
+    pack(str(mlx_release), tmp_path / "cuda", PackOptions(target="cuda"))
+    report = verify_bundle(tmp_path / "cuda", VerifyOptions())
+    assert report["passed"] and report["psnr_db"] > 40, report
+
+
+def _tamper(root: Path, edit) -> None:
+    """Rewrite the released transformer file with one tensor changed by edit(tensors)."""
+    from bonsai_convert.safetensors_io import SafetensorsFile, SafetensorsWriter, TensorSpec
+
+    path = root / "transformer-packed-mflux" / "diffusion_pytorch_model.safetensors"
+    handle = SafetensorsFile(path)
+    tensors = {key: np.array(handle.raw(key)) for key in handle.keys()}
+    dtypes = {key: handle.tensors[key].dtype for key in tensors}
+    edit(tensors)
+    specs = [TensorSpec(key, dtypes[key], tuple(value.shape)) for key, value in tensors.items()]
+    path.unlink()
+    with SafetensorsWriter(path, specs, {"format": "mlx"}) as writer:
+        for key, value in tensors.items():
+            writer.write(key, value)
+
+
+LAYER = "transformer_blocks.0.attn.to_k"
+
+
+def _code_three(tensors):
+    tensors[f"{LAYER}.weight"][0, 0] |= np.uint32(3)  # 2-bit code 3 in the first weight
+
+
+def _biases_off(tensors):
+    tensors[f"{LAYER}.biases"][0, 0] ^= np.uint16(1)  # one bf16 ulp: bias is no longer −scale
+
+
+@pytest.mark.parametrize("edit,reason", [(_code_three, "code 3"), (_biases_off, "not −scales bit for bit")])
+def test_released_mlx_pack_that_is_not_exact_bonsai_is_refused_naming_the_tensor(mlx_release, tmp_path, edit, reason):
+    broken = tmp_path / "broken"
+    shutil.copytree(mlx_release, broken)
+    _tamper(broken, edit)
+    result = subprocess.run([sys.executable, "-m", "bonsai_convert", "pack", str(broken), "--target", "packed",
+                             "-o", str(tmp_path / "out"), "--no-golden"], capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 3, result.stderr
+    assert f"tensor {LAYER}.weight" in result.stderr and reason in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()

@@ -48,6 +48,7 @@ class Target:
     transformer_file: str | None = None  # one unsharded transformer file of this name, else sharded + index
     text_encoder_file: str | None = None  # one text-encoder file of this name (+ its index), else sharded
     tokenizer_in_text_encoder: bool = False  # tokenizer files also inside the text-encoder folder (mlx-lm)
+    carries_quantized_text_encoder: bool = False  # an MLX pack's 4-bit text encoder is stored unchanged
 
     def folders(self, variant: str) -> dict[str, str]:
         """Bundle folder of each component (diffusers names unless the target's released layout says otherwise)."""
