@@ -80,9 +80,10 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 def sha256_stream(path: Path, chunk: int = 1 << 22, stop=None) -> str:
     """sha256 of a file's bytes, read once; `stop` (a threading.Event) cancels it (raises InterruptedError)."""
     digest = hashlib.sha256()
+    buffer = memoryview(bytearray(chunk))  # one buffer for the whole file: no fresh pages per block
     with open(path, "rb", buffering=0) as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
+        while size := handle.readinto(buffer):
+            digest.update(buffer[:size])
             if stop is not None and stop.is_set():
                 raise InterruptedError(str(path))
     return digest.hexdigest()

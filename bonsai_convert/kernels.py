@@ -10,6 +10,7 @@ and output bytes are those of the reference code (tests/test_fast_paths.py check
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 from numba import njit
@@ -159,3 +160,71 @@ def pack_words_transposed(q, nbits, out):  # pragma: no cover - compiled
             for j in range(per_word):
                 value |= np.uint32(q[n, w * per_word + j]) << np.uint32(j * nbits)
             out[w, n] = value
+
+
+@njit(nogil=True, cache=True)
+def group_min_max(values, group, low, high):  # pragma: no cover - compiled
+    """Per group of `group` consecutive float32 values of a row: min and max; returns False on inf/NaN."""
+    rows, cols = values.shape
+    finite = True
+    for i in range(rows):
+        for g in range(cols // group):
+            lo = values[i, g * group]
+            hi = lo
+            for k in range(g * group, (g + 1) * group):
+                v = values[i, k]
+                finite &= np.isfinite(v)
+                lo = min(lo, v)
+                hi = max(hi, v)
+            low[i, g] = lo
+            high[i, g] = hi
+    return finite
+
+
+@njit(nogil=True, cache=True)
+def affine_codes_4bit(values, scales, offsets, group, subtract, out):  # pragma: no cover - compiled
+    """4-bit codes, in float32 exactly as numpy computes them: subtract → clip(rint((v − offset) / scale), 0, 15)
+    (MLX: offset = bias), else clip(rint(v / scale + offset), 0, 15) (Gemlite: offset = zero point).
+
+    out uint32 [rows, cols/8] packs 8 codes per word LSB-first (MLX), or uint8 [rows, cols] holds them (Gemlite).
+    """
+    rows, cols = values.shape
+    packed = out.shape[1] != cols
+    for i in range(rows):
+        for g in range(cols // group):
+            s = scales[i, g]
+            o = offsets[i, g]
+            for k in range(g * group, (g + 1) * group, 8):
+                word = np.uint32(0)
+                for j in range(8):
+                    v = values[i, k + j]
+                    q = np.rint((v - o) / s) if subtract else np.rint(v / s + o)
+                    q = min(max(q, np.float32(0)), np.float32(15))
+                    if packed:
+                        word |= np.uint32(q) << np.uint32(4 * j)
+                    else:
+                        out[i, k + j] = np.uint8(q)
+                if packed:
+                    out[i, k // 8] = word
+
+
+@njit(nogil=True, cache=True)
+def widen_bf16(src, out):  # pragma: no cover - compiled
+    """float32 bit patterns of bf16 ones (exact: bf16 is the upper half of a float32), flat uint16 → flat uint32."""
+    for i in range(src.shape[0]):
+        out[i] = np.uint32(src[i]) << np.uint32(16)
+
+
+_SCRATCH = threading.local()
+
+
+def scratch(key: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+    """A reusable buffer of this thread (contents undefined), so hot loops do not fault in fresh zeroed pages
+    for every block. Only for arrays that do not outlive the call that asked for them."""
+    dtype = np.dtype(dtype)
+    need = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    pool = _SCRATCH.__dict__.setdefault("pool", {})
+    buffer = pool.get(key)
+    if buffer is None or buffer.nbytes < need:
+        buffer = pool[key] = np.empty(max(need, 1), dtype=np.uint8)
+    return buffer[:need].view(dtype).reshape(shape)

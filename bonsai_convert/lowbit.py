@@ -153,13 +153,13 @@ def split_exact(name: str, weight: np.ndarray, variant: str) -> LowBitTensor:
 
 
 def split_exact_stored(
-    name: str, stored: np.ndarray, stored_dtype: str, variant: str
+    name: str, stored: np.ndarray, stored_dtype: str, variant: str, out: tuple[np.ndarray, ...] | None = None
 ) -> tuple[LowBitTensor, np.ndarray]:
     """`split_exact` of a weight given as stored (bf16 bit patterns as uint16, or f16/f32 values), in one fused
     compiled pass; also returns the decoded fp16 weight (what `dense_from_codes` gives) as uint16 bit patterns.
 
     Same codes, scales and errors as `split_exact` on the widened values: on any bad group the plain
-    implementation is rerun to raise its message.
+    implementation is rerun to raise its message. `stored` may be a read-only memory map (it is only read).
     """
     from .kernels import BF16_TO_FP16, split_groups
 
@@ -171,9 +171,12 @@ def split_exact_stored(
     else:
         source, use_table = np.ascontiguousarray(to_fp16(name, np.asarray(stored))).view(np.uint16), False
     rows, cols = source.shape
-    codes = np.empty((rows, cols), dtype=np.int8)
-    scale_bits = np.empty((rows, cols // GROUP_SIZE), dtype=np.uint16)
-    decoded = np.empty((rows, cols), dtype=np.uint16)
+    if out is not None:  # (codes int8 [r, n], scale bits uint16 [r, n/128], decoded uint16 [r, n]) to fill
+        codes, scale_bits, decoded = out
+    else:
+        codes = np.empty((rows, cols), dtype=np.int8)
+        scale_bits = np.empty((rows, cols // GROUP_SIZE), dtype=np.uint16)
+        decoded = np.empty((rows, cols), dtype=np.uint16)
     bad, _ = split_groups(source, BF16_TO_FP16, use_table, variant != "binary", codes, scale_bits, decoded)
     if bad >= 0:
         values = (source.astype(np.uint32) << 16).view(np.float32) if use_table else source.view(np.float16)

@@ -261,7 +261,7 @@ def file_size(specs: Iterable[TensorSpec], metadata: dict[str, str] | None = Non
     return len(build_header(specs, metadata)) + sum(spec.nbytes for spec in specs)
 
 
-PENDING_HASH_BYTES = 64 << 20  # out-of-order writes kept in memory for the running sha256 (beyond: re-read)
+PENDING_HASH_BYTES = 16 << 20  # out-of-order writes kept in memory for the running sha256 (beyond: re-read)
 
 
 class SafetensorsWriter:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-ROW_BLOCK = 4096  # rows encoded at once: bounds temporaries for 27648-row Klein linears
+ROW_BLOCK = 1024  # rows encoded at once: bounds temporaries for 27648-row Klein linears
 
 
 def row_blocks(rows: int, block: int = ROW_BLOCK) -> Iterator[slice]:
