@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import shutil
 import threading
@@ -15,6 +17,7 @@ import numpy as np
 from . import kernels
 from .atomic import atomic_folder
 from .description import describe, transformer_shapes_of  # noqa: F401 - transformer_shapes_of re-exported
+from .dtypes import widen
 from .errors import FitError, InputError, UsageError
 from .files import known_sha256, remember_sha256, sha256_stream
 from .layout import (
@@ -34,10 +37,11 @@ from .lowbit import (
     quantize_absmean,
     split_exact,
     split_exact_stored,
+    to_fp16,
 )
 from .profiles import profile_for
 from .safetensors_io import SafetensorsFile, SafetensorsWriter, bf16_bits_to_float32
-from .source import Source, component_tensors, open_source
+from .source import QuantizedTextEncoder, Source, component_tensors, open_source
 from .targets.base import Target, encode_dense
 
 ROWS_PER_CHUNK = 2048  # rows of a low-bit weight converted at once (bounds memory for 27648 x 3072 tensors)
@@ -90,11 +94,13 @@ class VariantResolver:
         weight_rows: Callable[[int, int], np.ndarray],
         rows: int,
         stored_rows: tuple[Callable[[int, int], np.ndarray], str] | None = None,
+        reuse_buffers: bool = False,
     ) -> LowBitTensor:
         """Split a weight (read in row chunks) into codes and scales under the resolved variant.
 
         stored_rows (a reader of the stored values and their safetensors dtype) takes the fused compiled split,
         which also hashes the decoded weight as it goes (`LowBitTensor.digest`, the manifest's weight digest).
+        reuse_buffers: the codes live in this thread's scratch buffer (valid until the thread's next split).
         """
         variant = self.variant or "ternary"
         fused = stored_rows is not None and not self.quantize and kernels.ENABLED
@@ -104,9 +110,17 @@ class VariantResolver:
             stop = min(rows, start + ROWS_PER_CHUNK)
             if fused:
                 read, stored_dtype = stored_rows
-                part, decoded = split_exact_stored(name, read(start, stop), stored_dtype, variant)
+                stored = read(start, stop)
+                if codes is None:  # written in place by the kernel: no per-chunk arrays, no copies
+                    shape, groups = (rows, stored.shape[1]), (rows, stored.shape[1] // 128)
+                    codes = kernels.scratch("codes", shape, np.int8) if reuse_buffers else np.empty(shape, np.int8)
+                    scales = np.empty(groups, dtype=np.float16)
+                decoded = kernels.scratch("decoded", stored.shape, np.uint16)
+                out = (codes[start:stop], scales[start:stop].view(np.uint16), decoded)
+                split_exact_stored(name, stored, stored_dtype, variant, out=out)
                 digest.update(decoded)
-            elif self.quantize:
+                continue
+            if self.quantize:
                 part = quantize_absmean(name, weight_rows(start, stop), variant)
             else:
                 part = split_exact(name, weight_rows(start, stop), variant)
@@ -150,22 +164,56 @@ def _write_dense_component(
     tick: Callable,
     row_separable: Callable[[str], bool] = lambda name: True,
 ) -> None:
-    """Write a text encoder / VAE tensor by tensor; big 2-D tensors in row chunks when their encoding allows."""
+    """Write a text encoder / VAE tensor by tensor on PACK_THREADS threads; big 2-D tensors in row chunks when
+    their encoding allows. A tensor that stays dense (one float output of its own name) is converted from its
+    stored values by `encode_dense_stored` (what `encode` does to the widened values, in one compiled pass); a
+    tensor that must be encoded whole (Gemlite's transposed 4-bit layers) holds `whole_tensor` while it does, so
+    two of them never sit in memory together."""
     writers = _open_writers(root, layout)
-    try:
-        for source_name in sorted(layout.outputs_of):
-            handle = files[source_name]
-            shape = handle.tensors[source_name].shape
-            if len(shape) == 2 and shape[0] > ROWS_PER_CHUNK and row_separable(source_name):
-                # e.g. Qwen3-4B's 151936 x 2560 embedding: never widened to fp32 whole
-                for start in range(0, shape[0], ROWS_PER_CHUNK):
-                    rows = handle.load_rows(source_name, start, min(shape[0], start + ROWS_PER_CHUNK))
-                    for name, array in encode(source_name, rows).items():
-                        writers[name].write_rows(name, array, start)
-            else:
+    whole_tensor = threading.Lock()
+
+    def convert(source_name: str) -> None:
+        handle = files[source_name]
+        info = handle.tensors[source_name]
+        shape = info.shape
+        outputs = layout.outputs_of[source_name]
+        dense = (
+            kernels.ENABLED
+            and len(outputs) == 1
+            and outputs[0].spec.name == source_name
+            and outputs[0].spec.dtype in ("F16", "BF16")
+            and info.dtype in ("BF16", "F16")
+        )
+
+        def rows_of(start: int, stop: int) -> dict[str, np.ndarray]:
+            stored = handle.raw(source_name)[start:stop]  # a view of the mapped file: read once, by the kernel
+            if dense:
+                out = kernels.scratch("dense", stored.shape, np.uint16)
+                encoded = encode_dense_stored(source_name, stored, info.dtype, outputs[0].spec.dtype, out)
+                return {source_name: encoded}
+            if kernels.ENABLED and info.dtype == "BF16" and stored.ndim == 2:  # widened into a reused buffer
+                values = kernels.scratch("widened", stored.shape, np.uint32)
+                kernels.widen_bf16(np.ascontiguousarray(stored).reshape(-1), values.reshape(-1))
+                return encode(source_name, values.view(np.float32))
+            return encode(source_name, handle.load_rows(source_name, start, stop))
+
+        if len(shape) == 2 and shape[0] > ROWS_PER_CHUNK and (dense or row_separable(source_name)):
+            # e.g. Qwen3-4B's 151936 x 2560 embedding: never widened to fp32 whole
+            for start in range(0, shape[0], ROWS_PER_CHUNK):
+                for name, array in rows_of(start, min(shape[0], start + ROWS_PER_CHUNK)).items():
+                    writers[name].write_rows(name, array, start)
+        elif dense and shape:
+            writers[source_name].write(source_name, rows_of(0, shape[0])[source_name])
+        else:
+            with whole_tensor if len(shape) == 2 and shape[0] > ROWS_PER_CHUNK else contextlib.nullcontext():
                 for name, array in encode(source_name, handle.load(source_name)).items():
                     writers[name].write(name, array)
-            tick()
+        tick()
+
+    try:
+        with ThreadPoolExecutor(PACK_THREADS) as pool:
+            for future in [pool.submit(convert, name) for name in sorted(layout.outputs_of)]:
+                future.result()
     except BaseException:
         for writer in writers.values():
             writer.abort()
@@ -179,14 +227,16 @@ def stored_reader(tensor) -> tuple[Callable[[int, int], np.ndarray], str] | None
     if dtype not in ("BF16", "F16", "F32") or not tensor.shape:
         return None
 
-    def read(start: int, stop: int) -> np.ndarray:
+    def read(start: int, stop: int) -> np.ndarray:  # a read-only view of the mapped file where it can be
         raw = tensor.file.raw(tensor.key)
-        return np.array(raw[start:stop] if tensor.rows is None else raw[list(tensor.rows[start:stop])])
+        return raw[start:stop] if tensor.rows is None else np.array(raw[list(tensor.rows[start:stop])])
 
     return read, dtype
 
 
-def encode_dense_stored(name: str, stored: np.ndarray, stored_dtype: str, float_dtype: str) -> np.ndarray:
+def encode_dense_stored(
+    name: str, stored: np.ndarray, stored_dtype: str, float_dtype: str, out: np.ndarray | None = None
+) -> np.ndarray:
     """`encode_dense` of the widened values, from the stored values in one compiled pass (same bytes, same errors).
 
     bf16 → BF16 and f16 → F16 are copies with a finiteness check; bf16 → F16 goes through a 65536-entry table.
@@ -201,11 +251,46 @@ def encode_dense_stored(name: str, stored: np.ndarray, stored_dtype: str, float_
             if all_finite(flat, np.uint16(0x7C00 if float_dtype == "F16" else 0x7F80)):
                 return bits.view(np.float16) if float_dtype == "F16" else bits
         elif stored_dtype == "BF16":
-            out = np.empty(bits.shape, dtype=np.uint16)
+            out = np.empty(bits.shape, dtype=np.uint16) if out is None else out  # out: a uint16 buffer to fill
             if convert_table(flat, BF16_TO_FP16, out.reshape(-1)):
                 return out.view(np.float16)
     values = bf16_bits_to_float32(stored) if stored_dtype == "BF16" else stored
     return encode_dense(name, values, float_dtype)
+
+
+def _write_prequantized_text_encoder(
+    root: Path, layout: ComponentLayout, reader: QuantizedTextEncoder, target: Target, tick: Callable
+) -> None:
+    """An MLX pack's 4-bit text encoder: carried unchanged where the target stores the same tensors (MLX
+    targets), else dequantized and encoded by the target (formats/bundle.md says what that costs)."""
+    writers = _open_writers(root, layout)
+    try:
+        for name in sorted(layout.outputs_of):
+            planned = {p.spec.name: p.spec.dtype for p in layout.outputs_of[name]}
+            stored = reader.stored(name)
+            if target.carries_quantized_text_encoder and len(stored) > 1 and set(stored) == set(planned):
+                outputs = {key: _as_dtype(key, value, planned[key]) for key, value in stored.items()}
+            else:
+                outputs = target.encode_text_encoder(name, reader.load(name))
+            for key, array in outputs.items():
+                writers[key].write(key, array)
+            tick()
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
+    _close_component(root, layout, writers)
+
+
+def _as_dtype(name: str, stored: np.ndarray, dtype: str) -> np.ndarray:
+    """A stored tensor (bf16 as bits) in the planned dtype: unchanged, or bf16 → fp16 (refused if inexact)."""
+    if dtype != "F16" or stored.dtype != np.uint16:
+        return stored
+    values = widen(stored, "BF16")
+    result = to_fp16(name, values)
+    if not np.array_equal(result.astype(np.float32), values):
+        raise InputError(f"{name}: a bf16 value is not exact in fp16 (pack without --dtype float16)")
+    return result
 
 
 def write_dense_rows(writer: SafetensorsWriter, tensor, float_dtype: str = "F16") -> None:
@@ -237,12 +322,12 @@ def write_transformer(
     low_bit = [t for t in source.tensors if t.low_bit]
     first = low_bit[0] if low_bit else None
 
-    def low_bit_tensor(tensor) -> LowBitTensor:
-        if source.kind == "packed":
+    def low_bit_tensor(tensor, reuse_buffers: bool = False) -> LowBitTensor:
+        if source.kind in ("packed", "mlx"):  # codes stored: decoded, never re-split
             decoded = source.read_low_bit(tensor)
             assert isinstance(decoded, LowBitTensor)
             return decoded
-        return resolver.split(tensor.name, tensor.load_rows, tensor.shape[0], stored_reader(tensor))
+        return resolver.split(tensor.name, tensor.load_rows, tensor.shape[0], stored_reader(tensor), reuse_buffers)
 
     # The first low-bit tensor fixes the variant (auto) before anything is laid out.
     first_tensor = low_bit_tensor(first) if first else None
@@ -253,7 +338,7 @@ def write_transformer(
 
     def convert(tensor) -> None:
         if tensor.low_bit:
-            lowbit = first_tensor if tensor is first else low_bit_tensor(tensor)
+            lowbit = first_tensor if tensor is first else low_bit_tensor(tensor, reuse_buffers=True)
             digests[tensor.name] = weight_digest(lowbit)
             outputs = target.encode_low_bit(lowbit, variant)
         else:
@@ -266,8 +351,11 @@ def write_transformer(
     try:
         # Two worker threads: numpy releases the GIL in the heavy loops. Output bytes do not depend on the
         # order (every tensor has a fixed offset), so the bundle stays byte-identical.
+        if first is not None:  # written (and freed) before the pool starts: never held beside two others
+            convert(first)
+            first_tensor = None
         with ThreadPoolExecutor(PACK_THREADS) as pool:
-            for future in [pool.submit(convert, tensor) for tensor in source.tensors]:
+            for future in [pool.submit(convert, tensor) for tensor in source.tensors if tensor is not first]:
                 future.result()
     except BaseException:
         for writer in writers.values():
@@ -367,13 +455,19 @@ def pack(source_spec: str, out: Path, options: PackOptions, progress=None) -> di
         raise UsageError(f"--dtype {options.dtype}: choose bfloat16 or float16")
     target = make_target(options.target, options.dtype)
     profile = profile_for(options.target)
-    with known_sha256():
-        source = open_source(source_spec)
-        hasher = SourceHasher(list(source.files))
-        try:
-            return _pack_source(source, source_spec, out, options, target, profile, progress)
-        finally:
-            hasher.close()
+    collecting = gc.isenabled()
+    gc.disable()  # pack makes no reference cycles worth a collection; the collector cost ~10% of a pack's CPU
+    try:
+        with known_sha256():
+            source = open_source(source_spec)
+            hasher = SourceHasher(list(source.files))
+            try:
+                return _pack_source(source, source_spec, out, options, target, profile, progress)
+            finally:
+                hasher.close()
+    finally:
+        if collecting:
+            gc.enable()
 
 
 def _pack_source(source: Source, source_spec: str, out: Path, options: PackOptions, target, profile, progress) -> dict:
@@ -403,7 +497,10 @@ def _pack_source(source: Source, source_spec: str, out: Path, options: PackOptio
         progress.start(f"packing {source_spec} → {options.target}", total)
     with atomic_folder(out, options.force) as root:
         variant, bundle, digests = write_transformer(root, source, target, resolver, lay_out, tick)
-        if "text_encoder" in bundle.components:
+        if "text_encoder" in bundle.components and source.text_encoder_prequantized:
+            reader = QuantizedTextEncoder(source.components["text_encoder"])
+            _write_prequantized_text_encoder(root, bundle.components["text_encoder"], reader, target, tick)
+        elif "text_encoder" in bundle.components:
             _, te_files = component_tensors(source.components["text_encoder"])
             _write_dense_component(
                 root,

@@ -29,7 +29,39 @@ def quantize_affine_4bit(values: np.ndarray, group_size: int = TEXT_GROUP_SIZE) 
     """Round-to-nearest asymmetric 4-bit per group (min/max, as MLX's affine mode): q, fp16 scales, fp16 zeros.
 
     W ≈ (q − zero)·scale with zero = −min/scale, so GemLite's stored fma zero −zero·scale equals min.
+    Group min/max and the codes are compiled passes (bonsai_convert.kernels) giving the reference's bytes; anything
+    unusual (non-finite, a zero minimum whose sign numpy picks, a zero fp16 scale) takes the reference's numpy code.
     """
+    from .. import kernels
+
+    rows, cols = values.shape
+    if not kernels.ENABLED or cols % group_size or group_size % 8 or not values.size:
+        return quantize_affine_4bit_reference(values, group_size)
+    low = np.empty((rows, cols // group_size), dtype=np.float32)
+    high = np.empty_like(low)
+    block = max(1, (4 << 20) // (4 * cols))  # rows widened to float32 at a time (never the whole tensor)
+    for start in range(0, rows, block):
+        flat = np.ascontiguousarray(values[start : start + block], dtype=np.float32)
+        if not kernels.group_min_max(flat, group_size, low[start : start + block], high[start : start + block]):
+            return quantize_affine_4bit_reference(values, group_size)
+    if (low == 0).any():
+        return quantize_affine_4bit_reference(values, group_size)
+    scales = np.maximum((high - low) / 15.0, 1e-8).astype(np.float16)
+    safe = scales.astype(np.float32)
+    zeros = (-low / safe).astype(np.float16)
+    offsets = zeros.astype(np.float32)
+    if not ((safe > 0).all() and np.isfinite(safe).all() and np.isfinite(offsets).all()):
+        return quantize_affine_4bit_reference(values, group_size)
+    q = np.empty((rows, cols), dtype=np.uint8)
+    for start in range(0, rows, block):
+        rows_here = slice(start, start + block)
+        flat = np.ascontiguousarray(values[rows_here], dtype=np.float32)
+        kernels.affine_codes_4bit(flat, safe[rows_here], offsets[rows_here], group_size, False, q[rows_here])
+    return q, scales, zeros
+
+
+def quantize_affine_4bit_reference(values: np.ndarray, group_size: int = TEXT_GROUP_SIZE) -> tuple[np.ndarray, ...]:
+    """`quantize_affine_4bit` in plain numpy (the specification of its bytes)."""
     rows, cols = values.shape
     grouped = values.astype(np.float32).reshape(rows, cols // group_size, group_size)
     low, high = grouped.min(axis=-1), grouped.max(axis=-1)

@@ -45,6 +45,7 @@ class MLXTarget(Target):
     transformer_file = "diffusion_pytorch_model.safetensors"
     text_encoder_file = "model.safetensors"
     tokenizer_in_text_encoder = True
+    carries_quantized_text_encoder = True
 
     def __init__(self, name: str, dense_dtype: str = "BF16"):
         self.name = name
@@ -145,7 +146,40 @@ def quantize_text(name: str, values: np.ndarray, dense_dtype: str) -> tuple[np.n
 
     The scale (max−min)/15 and bias min are rounded to the stored dtype first and the codes are chosen against the
     rounded values, so scale·q + bias of the stored tensors is the weight the golden reference and runtime both use.
+    Group min/max and the codes are compiled passes (bonsai_convert.kernels) giving `quantize_text_reference`'s
+    bytes; anything unusual (a non-finite value, a group whose min is zero) takes the reference's own numpy code.
     """
+    from .. import kernels
+
+    rows, cols = values.shape
+    if not kernels.ENABLED or cols % TEXT_GROUP_SIZE or not values.size:
+        return quantize_text_reference(name, values, dense_dtype)
+    flat = np.ascontiguousarray(values, dtype=np.float32)
+    low = np.empty((rows, cols // TEXT_GROUP_SIZE), dtype=np.float32)
+    high = np.empty_like(low)
+    if not kernels.group_min_max(flat, TEXT_GROUP_SIZE, low, high):
+        return quantize_text_reference(name, values, dense_dtype)  # raises the non-finite error
+    zero_min = np.nonzero((low == 0).any(axis=1))[0]
+    if zero_min.size:  # the sign of a zero minimum is numpy's choice: take numpy's reduction for those rows
+        low[zero_min] = flat[zero_min].reshape(zero_min.size, -1, TEXT_GROUP_SIZE).min(axis=-1)
+    scale = np.maximum((high - low) / np.float32(15), np.float32(1e-7))
+    if dense_dtype == "BF16":
+        scale, bias = _round_to_bf16(scale), _round_to_bf16(low)
+        stored_scale, stored_bias = to_bf16_exact(name, scale), to_bf16_exact(name, bias)
+    else:
+        stored_scale, stored_bias = to_fp16(name, scale), to_fp16(name, low)
+        scale, bias = stored_scale.astype(np.float32), stored_bias.astype(np.float32)
+    if not (np.isfinite(scale).all() and (scale > 0).all() and np.isfinite(bias).all()):
+        return quantize_text_reference(name, values, dense_dtype)
+    words = np.empty((rows, cols // 8), dtype=np.uint32)
+    kernels.affine_codes_4bit(flat, scale, bias, TEXT_GROUP_SIZE, True, words)
+    return words, stored_scale, stored_bias
+
+
+def quantize_text_reference(
+    name: str, values: np.ndarray, dense_dtype: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`quantize_text` in plain numpy (the specification of its bytes)."""
     rows, cols = values.shape
     grouped = np.asarray(values, dtype=np.float32).reshape(rows, cols // TEXT_GROUP_SIZE, TEXT_GROUP_SIZE)
     if not np.isfinite(grouped).all():
