@@ -1,7 +1,7 @@
 """CUDA runtime for Bonsai bundles in the Gemlite layout (formats/gemlite.md): diffusers + GemLite kernels.
 
 On a GPU with gemlite installed each low-bit linear is a `GemLiteLinearTriton` filled by `load_state_dict`;
-elsewhere `GemliteDecodedLinear` decodes the same tensors to a dense weight once (CPU fallback, tests, CI).
+elsewhere `GemliteDecodedLinear` decodes the same tensors to a dense weight per layer as it runs (CPU fallback, CI).
 """
 
 from .layers import GemliteDecodedLinear, LayoutError, dequantize_state, gemlite_available

@@ -102,20 +102,65 @@ def dequantize_state(state: dict[str, torch.Tensor], name: str = "layer") -> tor
     return weight.to(torch.float16)
 
 
+def dequantize_fast(state: dict[str, torch.Tensor], meta: dict[str, int], dtype: torch.dtype) -> torch.Tensor:
+    """`dequantize_state` in float32 on the layer's device (no float64 pass), rounded to fp16, cast to `dtype`.
+
+    For the exact binary/ternary layouts every product and sum is exact in float32, so this equals
+    `dequantize_state` bit for bit; GemliteDecodedLinear checks that once per layer at load."""
+    group, mode, k, n = meta["group_size"], meta["W_group_mode"], meta["in_features"], meta["out_features"]
+    q = unpack_codes(state["W_q"], meta["W_nbits"], k).to(torch.float32).view(n, k // group, group)
+    scales = state["scales"].to(torch.float32).t()[:, :, None]
+    zeros = state.get("zeros")
+    if zeros is not None and zeros.dim() > 0:
+        zeros = zeros.to(torch.float32).t()[:, :, None]
+    elif zeros is not None:
+        zeros = zeros.to(torch.float32)
+    if mode == 4:
+        weight = q * scales + zeros
+    elif mode == 2:
+        weight = q * scales
+    else:
+        weight = (q - zeros) * scales
+    return weight.view(n, k).to(torch.float16).to(dtype)
+
+
 class GemliteDecodedLinear(nn.Module):
-    """A bias-free linear whose weight is decoded once from Gemlite tensors (CPU / no-gemlite fallback)."""
+    """A bias-free linear decoded from Gemlite tensors (CPU / no-gemlite fallback), one layer at a time.
+
+    The packed tensors stay resident (1–2 bits per weight + scales) and the dense weight is made when the layer
+    runs and dropped after, so a Klein-4B transformer needs ~1.4 GB of weights instead of 7.75 GB (fp16) or
+    15.5 GB (fp32). At load, the fast float32 decode is compared once with the float64 `dequantize_state`; a layer
+    where they differ (not an exact binary/ternary layout) keeps its decoded fp16 weight instead."""
 
     def __init__(self, state: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device | str, name: str = ""):
         super().__init__()
-        weight = dequantize_state({key: value.cpu() for key, value in state.items()}, name or "layer")
-        self.out_features, self.in_features = weight.shape
-        self.weight = nn.Parameter(weight.to(device=device, dtype=dtype), requires_grad=False)
+        cpu_state = {key: value.cpu() for key, value in state.items()}
+        self.meta = check_layout(cpu_state, name or "layer")
+        self.out_features, self.in_features = self.meta["out_features"], self.meta["in_features"]
+        self.compute_dtype = dtype
+        reference = dequantize_state(cpu_state, name or "layer")
+        if torch.equal(
+            dequantize_fast(cpu_state, self.meta, torch.float16).view(torch.int16), reference.view(torch.int16)
+        ):
+            for key in ("W_q", "scales", "zeros"):
+                if key in cpu_state:
+                    self.register_buffer(key, cpu_state[key].to(device))
+            self.weight = None
+        else:
+            self.weight = nn.Parameter(reference.to(device=device, dtype=dtype), requires_grad=False)
+
+    def dense_weight(self) -> torch.Tensor:
+        if self.weight is not None:
+            return self.weight
+        state = {key: getattr(self, key) for key in ("W_q", "scales", "zeros") if hasattr(self, key)}
+        return dequantize_fast(state, self.meta, self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return F.linear(x, self.dense_weight())
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, decoded from gemlite tensors"
+        kept = "decoded per forward" if self.weight is None else "decoded once"
+        return f"in_features={self.in_features}, out_features={self.out_features}, gemlite tensors {kept}"
 
 
 class Fp16Activations(nn.Module):
@@ -170,4 +215,9 @@ def build_linear(
         return layer if dtype == torch.float16 else Fp16Activations(layer)
     if backend == "decoded":
         return GemliteDecodedLinear(state, dtype, device, name)
-    raise ValueError(f"unknown backend {backend!r} (expected 'gemlite' or 'decoded')")
+    if backend == "interpreter":  # gemlite's own kernels on CPU (bonsai_cuda.interpreter, a fresh process)
+        from .interpreter import InterpretedGemliteLinear
+
+        check_layout(state, name or "layer")
+        return InterpretedGemliteLinear(state, name)
+    raise ValueError(f"unknown backend {backend!r} (expected 'gemlite', 'decoded' or 'interpreter')")
