@@ -108,6 +108,9 @@ def codes_transformer(source: Source, dtype, device="cpu"):
     return model.eval()
 
 
+SHIPPED_ROWS = 4096  # text-encoder tensors are turned into their shipped values this many rows at a time
+
+
 def reference_device():
     """CUDA if present, else Apple MPS, else CPU."""
     import torch
@@ -187,9 +190,13 @@ def encode_prompt_phase(
             for name, parameter in encoder.named_parameters():
                 if name == "lm_head.weight" and encoder.config.tie_word_embeddings:
                     continue
-                values = shipped(name, parameter.detach().float().numpy())
-                parameter.copy_(torch.from_numpy(np.asarray(values, dtype=np.float32)))
-                del values
+                rows = parameter.shape[0] if parameter.dim() == 2 else 0
+                step = SHIPPED_ROWS if rows > SHIPPED_ROWS else max(rows, 1)
+                for start in range(0, max(rows, 1), step):  # row chunks: the 4-bit groups lie along rows
+                    part = parameter[start : start + step] if rows else parameter
+                    values = shipped(name, part.detach().float().numpy())
+                    part.copy_(torch.from_numpy(np.asarray(values, dtype=np.float32)))
+                    del values
     encoder.to(device)
     pipe = Flux2KleinPipeline(
         scheduler=None,
