@@ -215,7 +215,7 @@ def test_json_reader(data: bytes) -> None:
 
 
 MANIFEST_TEMPLATE = {
-    "format_version": 1,
+    "format_version": 2,
     "tool": {"name": "bonsai-convert", "version": "0.1.0", "dependencies": {}},
     "target": "packed",
     "profile": {"name": "packed", "memory_budget_bytes": 0, "default_width": 1024, "default_height": 1024},
@@ -235,6 +235,7 @@ MANIFEST_TEMPLATE = {
     "weight_digests": {},
     "golden": None,
     "memory": None,
+    "layout": {"folders": {"transformer": "transformer"}, "dense_dtype": "F16", "released_loaders": False},
 }
 HOSTILE_PATHS = st.sampled_from(
     ["../x", "/etc/passwd", "a/../../b", "a\\..\\b", "", "a//b", "a/", "..", "~/.ssh/id_rsa", "C:/x", "a\x00b",

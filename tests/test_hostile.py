@@ -542,7 +542,7 @@ def _interrupted_pack(tiny_source: Path, out: Path, capsys, monkeypatch) -> tupl
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pack_module, "pipeline_settings", interrupt)
+    monkeypatch.setattr(pack_module, "json_bytes", interrupt)  # the JSON files are written last
     return run_cli(capsys, "pack", str(tiny_source), "--target", "packed", "-o", str(out))
 
 
