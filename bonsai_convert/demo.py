@@ -169,7 +169,7 @@ def write_demo(out: Path, variant: str, seed: int = 0) -> Path:
     """Write the demo checkpoint in the full diffusers layout (bf16 weights) to `out`."""
     import torch
 
-    from .reference import quiet_libraries
+    from .quiet import quiet_libraries
 
     quiet_libraries()
     pipeline = build_demo_pipeline(variant, seed)

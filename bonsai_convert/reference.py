@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .lowbit import LowBitTensor
+from .quiet import quiet_libraries  # noqa: F401 - re-exported
 from .source import Source
 
 
@@ -165,11 +166,92 @@ def dequantized_text_encoder(source: Source, config, dtype):
     return encoder.eval()
 
 
+def _shipped_tensor(name: str, tensor, dtype, shipped):
+    """A source tensor in `dtype`, turned into its shipped values in row chunks (the 4-bit groups lie along rows)."""
+    import torch
+
+    tensor = tensor.to(dtype)
+    if shipped is None:
+        return tensor
+    rows = tensor.shape[0] if tensor.dim() == 2 else 0
+    step = SHIPPED_ROWS if rows > SHIPPED_ROWS else max(rows, 1)
+    for start in range(0, max(rows, 1), step):
+        part = tensor[start : start + step] if rows else tensor
+        values = shipped(name, part.float().numpy())
+        part.copy_(torch.from_numpy(np.asarray(values, dtype=np.float32)))
+        del values
+    return tensor
+
+
+def _tensor_files(folder) -> dict[str, str]:
+    """name → shard path of a component folder (its safetensors index, else its one model.safetensors)."""
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: str(folder / file) for name, file in weight_map.items()}
+    from safetensors import safe_open
+
+    path = folder / "model.safetensors"
+    with safe_open(str(path), framework="pt") as handle:
+        return {name: str(path) for name in handle.keys()}
+
+
+def layerwise_text_encoder(folder, config, dtype, shipped=None):
+    """Qwen3ForCausalLM (cut `config`) whose decoder layers are read from the source when they run and dropped
+    right after (forward hooks): resident are the embedding (tied lm_head), the final norm and one layer, so the
+    reference text encoder fits in fp32 (~2.5 GB for Qwen3-4B instead of 12.4 GB)."""
+    from accelerate import init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+    from safetensors import safe_open
+    from transformers import Qwen3ForCausalLM
+
+    files = _tensor_files(folder)
+
+    def read(name: str):
+        with safe_open(files[name], framework="pt") as handle:
+            return _shipped_tensor(name, handle.get_tensor(name), dtype, shipped)
+
+    with init_empty_weights():
+        model = Qwen3ForCausalLM._from_config(config, torch_dtype=dtype)
+    layer_names = {}
+    for name, _ in model.named_parameters():
+        if name.startswith("model.layers."):
+            layer_names.setdefault(int(name.split(".")[2]), []).append(name)
+        elif not (name == "lm_head.weight" and config.tie_word_embeddings):
+            set_module_tensor_to_device(model, name, "cpu", value=read(name))
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+
+    def load_layer(index: int):
+        def hook(_module, _args):
+            for name in layer_names[index]:
+                set_module_tensor_to_device(model, name, "cpu", value=read(name))
+
+        return hook
+
+    def drop_layer(index: int):
+        def hook(_module, _args, _output):
+            for name in layer_names[index]:
+                set_module_tensor_to_device(model, name, "meta")
+
+        return hook
+
+    for index, layer in enumerate(model.model.layers):
+        layer.register_forward_pre_hook(load_layer(index))
+        layer.register_forward_hook(drop_layer(index))
+    return model.eval()
+
+
 def encode_prompt_phase(
     source: Source, dtype, prompt: str, out_layers, max_sequence_length: int, shipped=None, device="cpu"
 ):
-    """Phase 1: load the cut text encoder (weights as shipped when `shipped(name, float32 array)` is given),
-    encode the prompt with diffusers' own code, free the encoder; returns prompt_embeds on `device`."""
+    """Phase 1: the cut text encoder (weights as shipped when `shipped(name, float32 array)` is given) encodes the
+    prompt with diffusers' own code, one decoder layer resident at a time (on CPU), and is freed; returns
+    prompt_embeds on `device`."""
     import gc
 
     import torch
@@ -179,25 +261,18 @@ def encode_prompt_phase(
     quiet_libraries()
     folders = source.components
     config = cut_text_encoder_config(folders["text_encoder"], out_layers)
-    if source.text_encoder_prequantized:
-        encoder = dequantized_text_encoder(source, config, dtype)
-    else:
+    if torch.device(device).type == "cpu":
+        encoder = layerwise_text_encoder(folders["text_encoder"], config, dtype, shipped)
+    else:  # an accelerator: the whole cut encoder on it
         encoder = Qwen3ForCausalLM.from_pretrained(
             folders["text_encoder"], config=config, torch_dtype=dtype, use_safetensors=True
         ).eval()
-    if shipped is not None:
-        with torch.no_grad():
-            for name, parameter in encoder.named_parameters():
-                if name == "lm_head.weight" and encoder.config.tie_word_embeddings:
-                    continue
-                rows = parameter.shape[0] if parameter.dim() == 2 else 0
-                step = SHIPPED_ROWS if rows > SHIPPED_ROWS else max(rows, 1)
-                for start in range(0, max(rows, 1), step):  # row chunks: the 4-bit groups lie along rows
-                    part = parameter[start : start + step] if rows else parameter
-                    values = shipped(name, part.detach().float().numpy())
-                    part.copy_(torch.from_numpy(np.asarray(values, dtype=np.float32)))
-                    del values
-    encoder.to(device)
+        if shipped is not None:
+            with torch.no_grad():
+                for name, parameter in encoder.named_parameters():
+                    if not (name == "lm_head.weight" and encoder.config.tie_word_embeddings):
+                        parameter.copy_(_shipped_tensor(name, parameter.detach().clone(), dtype, shipped))
+        encoder.to(device)
     pipe = Flux2KleinPipeline(
         scheduler=None,
         vae=None,
@@ -249,17 +324,6 @@ def run_reference_phased(
     del pipe, embeds
     gc.collect()
     return output
-
-
-def quiet_libraries() -> None:
-    """diffusers/transformers progress bars and load reports would garble our own rich output."""
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
 
 
 def reference_pipeline(source: Source, dtype):
