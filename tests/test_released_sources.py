@@ -200,3 +200,24 @@ def test_released_mlx_pack_that_is_not_exact_bonsai_is_refused_naming_the_tensor
     assert result.returncode == 3, result.stderr
     assert f"tensor {LAYER}.weight" in result.stderr and reason in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["pack", "demo:ternary", "--target", "watch", "-o", "x"],
+        ["pack", "demo:ternary", "--target", "iphone", "--variant", "quaternary", "-o", "x"],
+        ["pack", "demo:ternary", "--target", "iphone", "--dtype", "float64", "-o", "x"],
+        ["pack", "demo:ternary", "--target", "iphone", "--quantize", "gptq", "-o", "x"],
+        ["plan", "--target", "watch", "--variant", "binary"],
+        ["demo", "x", "--variant", "quaternary"],
+        ["verify", "x", "--dtype", "int8"],
+    ],
+    ids=lambda args: " ".join(args[:4]),
+)
+def test_every_cli_choice_is_a_usage_error_listing_the_choices(args, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "bonsai_convert", *args], capture_output=True, text=True,
+                            cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "is not one of" in result.stderr and "internal error" not in result.stderr, result.stderr
+    assert not (tmp_path / "x").exists()
