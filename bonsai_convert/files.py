@@ -71,7 +71,7 @@ def read_json(path: Path) -> dict:
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     """Streaming sha256 of a file (or the digest `remember_sha256` recorded for it inside `known_sha256()`)."""
     if _KNOWN is not None:
-        known = _KNOWN.get(_file_key(path))
+        known = _KNOWN.get(file_key(path))
         if known is not None:
             return known if isinstance(known, str) else known.result()
     return sha256_stream(path, chunk)
@@ -94,7 +94,7 @@ def sha256_stream(path: Path, chunk: int = 1 << 22, stop=None) -> str:
 _KNOWN: dict | None = None
 
 
-def _file_key(path: Path) -> tuple[int, ...]:
+def file_key(path: Path) -> tuple[int, ...]:
     info = os.stat(path)
     return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
 
@@ -113,7 +113,7 @@ def known_sha256():
 def remember_sha256(path: Path, digest) -> None:
     """Record the sha256 (a hex str, or a Future of one) of a file as it is now; a no-op outside known_sha256()."""
     if _KNOWN is not None:
-        _KNOWN[_file_key(path)] = digest
+        _KNOWN[file_key(path)] = digest
 
 
 def plain_dir(path: Path) -> bool:

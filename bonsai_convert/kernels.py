@@ -164,21 +164,30 @@ def pack_words_transposed(q, nbits, out):  # pragma: no cover - compiled
 
 @njit(nogil=True, cache=True)
 def group_min_max(values, group, low, high):  # pragma: no cover - compiled
-    """Per group of `group` consecutive float32 values of a row: min and max; returns False on inf/NaN."""
+    """Per group of `group` consecutive float32 values of a row: min and max; returns False on inf/NaN.
+
+    Integer work on the bit patterns (vectorizes): i = bits ^ ((bits >> 31) & 0x7FFFFFFF) orders finite floats
+    like their values (−0 just below +0), and an exponent of all ones marks inf/NaN. Where both zeros occur the
+    sign of a zero minimum is the caller's to settle (numpy's reductions pick one).
+    """
     rows, cols = values.shape
-    finite = True
+    bits = values.view(np.int32)
+    special = np.int32(0)
     for i in range(rows):
         for g in range(cols // group):
-            lo = values[i, g * group]
-            hi = lo
+            lo = np.int32(0x7FFFFFFF)
+            hi = np.int32(-0x7FFFFFFF - 1)
             for k in range(g * group, (g + 1) * group):
-                v = values[i, k]
-                finite &= np.isfinite(v)
-                lo = min(lo, v)
-                hi = max(hi, v)
-            low[i, g] = lo
-            high[i, g] = hi
-    return finite
+                b = bits[i, k]
+                special |= np.int32((b & np.int32(0x7F800000)) == np.int32(0x7F800000))
+                ordered = b ^ ((b >> np.int32(31)) & np.int32(0x7FFFFFFF))
+                lo = min(lo, ordered)
+                hi = max(hi, ordered)
+            lo_bits = lo ^ ((lo >> np.int32(31)) & np.int32(0x7FFFFFFF))
+            hi_bits = hi ^ ((hi >> np.int32(31)) & np.int32(0x7FFFFFFF))
+            low.view(np.int32)[i, g] = lo_bits
+            high.view(np.int32)[i, g] = hi_bits
+    return special == 0
 
 
 @njit(nogil=True, cache=True)
@@ -198,7 +207,10 @@ def affine_codes_4bit(values, scales, offsets, group, subtract, out):  # pragma:
                 word = np.uint32(0)
                 for j in range(8):
                     v = values[i, k + j]
-                    q = np.rint((v - o) / s) if subtract else np.rint(v / s + o)
+                    x = (v - o) / s if subtract else v / s + o
+                    # round half to even, as np.rint: exact for |x| < 2**22 (1.5·2**23 added and taken away in
+                    # float32); larger |x| only ever clips to 0 or 15 below, as np.rint's result would
+                    q = (x + np.float32(12582912.0)) - np.float32(12582912.0)
                     q = min(max(q, np.float32(0)), np.float32(15))
                     if packed:
                         word |= np.uint32(q) << np.uint32(4 * j)

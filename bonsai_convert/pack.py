@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import gc
 import hashlib
+import os
+import queue
 import shutil
 import threading
 from collections.abc import Callable
@@ -19,7 +21,7 @@ from .atomic import atomic_folder
 from .description import describe, transformer_shapes_of  # noqa: F401 - transformer_shapes_of re-exported
 from .dtypes import widen
 from .errors import FitError, InputError, UsageError
-from .files import known_sha256, remember_sha256, sha256_stream
+from .files import file_key, known_sha256, remember_sha256, sha256_stream
 from .layout import (
     DEFAULT_GOLDEN_PROMPT,
     TARGETS,
@@ -407,14 +409,33 @@ class SourceHasher:
 
     def __init__(self, paths: list[Path]):
         self._stop = threading.Event()
-        self._jobs = [(path, Future()) for path in paths]
-        for path, future in self._jobs:
-            remember_sha256(path, future)
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.paths: set[Path] = set()
+        self._keys: set[tuple[int, ...]] = set()
+        self.add(paths)
         self._thread = threading.Thread(target=self._run, name="source-sha256", daemon=True)
         self._thread.start()
 
+    def add(self, paths: list[Path]) -> None:
+        for path in paths:
+            future: Future = Future()
+            try:
+                key = file_key(path)
+            except OSError:
+                continue  # gone or unreadable: whoever needs it reads it and reports
+            if key in self._keys:
+                continue
+            self._keys.add(key)
+            self.paths.add(path)
+            remember_sha256(path, future)
+            self._queue.put((path, future))
+
     def _run(self) -> None:
-        for path, future in self._jobs:
+        while not self._stop.is_set():
+            try:
+                path, future = self._queue.get(timeout=0.1)
+            except queue.Empty:
+                continue
             try:
                 future.set_result(sha256_stream(path, stop=self._stop))
             except BaseException as error:  # noqa: BLE001 - handed to whoever asks for this digest
@@ -423,6 +444,25 @@ class SourceHasher:
     def close(self) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def _files_to_hash(source_spec: str) -> list[Path]:
+    """Regular files of a source folder (or the file itself), without following links; [] for anything else."""
+    path = Path(source_spec)
+    try:
+        if path.is_file() and not path.is_symlink():
+            return [path]
+        if not path.is_dir() or path.is_symlink():
+            return []
+        found = []
+        for folder, _, names in os.walk(path):
+            for name in sorted(names):
+                candidate = Path(folder) / name
+                if candidate.is_file() and not candidate.is_symlink():
+                    found.append(candidate)
+        return sorted(found)
+    except OSError:
+        return []
 
 
 def use_mmap_for_large_arrays() -> None:
@@ -459,9 +499,11 @@ def pack(source_spec: str, out: Path, options: PackOptions, progress=None) -> di
     gc.disable()  # pack makes no reference cycles worth a collection; the collector cost ~10% of a pack's CPU
     try:
         with known_sha256():
-            source = open_source(source_spec)
-            hasher = SourceHasher(list(source.files))
+            # Hash the source's files from the start, while the libraries load and the source is validated.
+            hasher = SourceHasher(_files_to_hash(source_spec))
             try:
+                source = open_source(source_spec)
+                hasher.add(list(source.files))
                 return _pack_source(source, source_spec, out, options, target, profile, progress)
             finally:
                 hasher.close()
@@ -524,6 +566,7 @@ def _pack_source(source: Source, source_spec: str, out: Path, options: PackOptio
         if bundle.golden is not None:
             if progress:
                 progress.message("golden record: running the reference pipeline on the source weights")
+            gc.enable()  # the reference pipeline builds models: let the collector run again
             golden_json = write_golden(root, source, target, bundle.golden, options.golden_prompt, options.golden_seed)
         for path, value in bundle.json_files.items():
             (root / path).parent.mkdir(parents=True, exist_ok=True)

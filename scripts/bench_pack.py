@@ -1,12 +1,19 @@
-"""Benchmark `pack` on a full-size (Klein-4B-shaped) synthetic checkpoint, for every target.
+"""Benchmark `pack` against `cp` of the same files, in the same run: full pipeline and transformer only, both
+variants, every target.
 
-    python scripts/bench_pack.py [--variant binary|ternary] [--workdir DIR] [--targets packed,iphone,...]
-        [--source DIR] [--no-baseline] [--json bench-pack.json]
+    python scripts/bench_pack.py [--variants binary,ternary] [--targets packed,iphone,ipad,mac,cuda]
+        [--cases full,transformer] [--workdir DIR] [--scale F] [--repeats N] [--reference-check]
+        [--keep] [--json bench-pack.json]
 
-For each target: wall seconds, input GB/s, the time of a plain copy of the same input files (same run) and the
-ratio, peak RSS of the pack process, output bytes per component, and whether two packs are byte-identical.
-Also a naive baseline for contrast: load the whole state dict with torch, quantize with `mx.quantize`.
-Prints a table and writes JSON. Not a test: run it by hand (it needs ~3× the checkpoint size of free disk).
+For each variant a synthetic Klein-4B-shaped pipeline is written with `make_synthetic_checkpoint.py --full`
+(15.96 GB of bf16 at --scale 1; --scale < 1 keeps every width and shrinks only the depths), unless it exists.
+The transformer-only case is a folder holding only `transformer/`, hard links to the same files (no extra disk).
+For every (case, target), `repeats` times: read the input once (page cache warm for both), `cp -r` it to a fresh
+folder plus `sync` (timed), remove the copy, then `bonsai-convert pack SOURCE --target T --no-golden` (timed,
+peak RSS = the pack process's own VmHWM, output written and fsynced by pack). The ratio pack / cp of each pair
+is printed; the JSON has every sample. --reference-check also packs each case once with
+BONSAI_CONVERT_REFERENCE=1 (the plain numpy code paths) and compares the bundles byte for byte (slow).
+Not a test: run it by hand; it needs about twice the checkpoint size of free disk.
 """
 
 from __future__ import annotations
@@ -26,156 +33,162 @@ from rich.table import Table
 
 ROOT = Path(__file__).resolve().parent.parent
 
-BASELINE = """
-import sys, time
-import mlx.core as mx
-from safetensors.torch import load_file
-from pathlib import Path
-from bonsai_convert.lowbit import is_low_bit_key
-bits = 1 if sys.argv[2] == "binary" else 2
-state = {}
-for path in sorted(Path(sys.argv[1], "transformer").glob("*.safetensors")):
-    state.update(load_file(path))
-out = {}
-for name, tensor in state.items():
-    if is_low_bit_key(name):
-        out[name] = mx.quantize(mx.array(tensor.float().numpy()).astype(mx.float16), group_size=128, bits=bits)
-        mx.eval(out[name])
-"""
+# Peak RSS of the pack process itself (VmHWM read at exit): wait4's maxrss would include the forking parent.
+MEASURED_PACK = (
+    "import atexit, sys\n"
+    "def report(path):\n"
+    "    status = open('/proc/self/status').read()\n"
+    "    open(path, 'w').write(status.split('VmHWM:')[1].split()[0])\n"
+    "atexit.register(report, sys.argv[1])\n"
+    "sys.argv = ['bonsai-convert'] + sys.argv[2:]\n"
+    "from bonsai_convert.cli import main\n"
+    "main()\n"
+)
 
 
-def run_measured(command: list[str]) -> tuple[float, int, int]:
-    """Run a command; return (seconds, peak RSS bytes of that process, exit code)."""
+def files_of(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in files_of(folder))
+
+
+def warm(folder: Path) -> None:
+    """Read every input file once so that cp and pack both start from the page cache."""
+    for path in files_of(folder):
+        with open(path, "rb", buffering=0) as handle:
+            while handle.read(1 << 24):
+                pass
+
+
+def time_cp(source: Path, destination: Path) -> float:
+    shutil.rmtree(destination, ignore_errors=True)
     start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
+    subprocess.run(["cp", "-r", str(source), str(destination)], check=True)
+    os.sync()
     seconds = time.perf_counter() - start
-    stderr = process.stderr.read().decode() if process.stderr else ""
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        print(stderr, file=sys.stderr)
-    return seconds, usage.ru_maxrss * 1024, code
+    shutil.rmtree(destination)
+    return seconds
+
+
+def time_pack(source: Path, target: str, out: Path, environment: dict | None = None) -> tuple[float, int, int, str]:
+    """(seconds, peak RSS bytes, exit code, stderr tail) of one pack run."""
+    shutil.rmtree(out, ignore_errors=True)
+    report = out.parent / f".{out.name}.hwm"
+    command = [sys.executable, "-c", MEASURED_PACK, str(report), "pack", str(source), "--target", target]
+    command += ["-o", str(out), "--no-golden"]
+    start = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, env=environment)
+    seconds = time.perf_counter() - start
+    rss = int(report.read_text()) * 1024 if report.exists() else 0
+    report.unlink(missing_ok=True)
+    return seconds, rss, result.returncode, result.stderr[-2000:]
 
 
 def tree_digest(folder: Path) -> str:
     digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(path.relative_to(folder).as_posix().encode())
+    for path in files_of(folder):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
         with open(path, "rb") as handle:
             while block := handle.read(1 << 22):
                 digest.update(block)
     return digest.hexdigest()
 
 
-def folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+def ensure_sources(workdir: Path, variant: str, scale: float, console: Console) -> dict[str, Path]:
+    name = f"full-{variant}" if scale == 1 else f"full-{variant}-scale{scale:g}"
+    full = workdir / name
+    if not full.exists():
+        console.print(f"writing the synthetic pipeline to {full} ...")
+        command = [sys.executable, str(ROOT / "scripts" / "make_synthetic_checkpoint.py"), str(full)]
+        subprocess.run([*command, "--variant", variant, "--full", "--scale", str(scale)], check=True)
+    transformer_only = workdir / f"{name}-transformer-only"
+    if not transformer_only.exists():
+        (transformer_only / "transformer").mkdir(parents=True)
+        for path in files_of(full / "transformer"):
+            os.link(path, transformer_only / "transformer" / path.name)  # hard links: regular files, no copy
+    return {"full": full, "transformer": transformer_only}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variant", choices=["binary", "ternary"], default="binary")
-    parser.add_argument("--workdir", type=Path, default=Path("bench-work"))
-    parser.add_argument("--source", type=Path, help="an existing synthetic checkpoint (else one is written)")
+    parser.add_argument("--variants", default="binary,ternary")
     parser.add_argument("--targets", default="packed,iphone,ipad,mac,cuda")
-    parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--cases", default="full,transformer")
+    parser.add_argument("--workdir", type=Path, default=Path("bench-work"))
+    parser.add_argument("--scale", type=float, default=1.0, help="depth multiplier of the synthetic pipeline")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--reference-check", action="store_true")
+    parser.add_argument("--keep", action="store_true", help="keep the synthetic checkpoints afterwards")
     parser.add_argument("--json", type=Path, default=Path("bench-pack.json"))
     args = parser.parse_args()
     console = Console()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    source = args.source or args.workdir / f"synthetic-{args.variant}"
-    if not source.exists():
-        console.print(f"writing the synthetic checkpoint to {source} ...")
-        subprocess.run(
-            [
-                sys.executable,
-                str(ROOT / "scripts" / "make_synthetic_checkpoint.py"),
-                str(source),
-                "--variant",
-                args.variant,
-            ],
-            check=True,
-        )
-    inputs = sorted((source / "transformer").glob("*.safetensors"))
-    input_bytes = sum(p.stat().st_size for p in inputs)
-    copy_dir = args.workdir / "plain-copy"
-    shutil.rmtree(copy_dir, ignore_errors=True)
-    copy_dir.mkdir()
-    start = time.perf_counter()
-    for path in inputs:
-        shutil.copyfile(path, copy_dir / path.name)
-    os.sync()
-    copy_seconds = time.perf_counter() - start
-    shutil.rmtree(copy_dir)
     results = []
-    cli = [sys.executable, "-m", "bonsai_convert", "pack", str(source)]
-    for target in args.targets.split(","):
-        outs = [args.workdir / f"{target}-{i}" for i in (1, 2)]
-        runs = []
-        for out in outs:
-            shutil.rmtree(out, ignore_errors=True)
-            runs.append(run_measured([*cli, "--target", target, "-o", str(out)]))
-        seconds, rss, code = runs[0]
-        manifest = json.loads((outs[0] / "manifest.json").read_text()) if code == 0 else {}
-        results.append(
-            {
-                "target": target,
-                "exit_code": code,
-                "input_bytes": input_bytes,
-                "seconds": round(seconds, 2),
-                "seconds_second_run": round(runs[1][0], 2),
-                "gb_per_s": round(input_bytes / seconds / 1e9, 3),
-                "copy_seconds": round(copy_seconds, 2),
-                "ratio_to_copy": round(seconds / copy_seconds, 2),
-                "peak_rss_bytes": max(rss, runs[1][1]),
-                "output_bytes": folder_bytes(outs[0]) if code == 0 else None,
-                "components": {k: v["bytes"] for k, v in manifest.get("components", {}).items()},
-                "reproducible": code == 0 and tree_digest(outs[0]) == tree_digest(outs[1]),
-            }
-        )
-        for out in outs:
-            shutil.rmtree(out, ignore_errors=True)
-    baseline = None
-    if not args.no_baseline:
-        seconds, rss, code = run_measured([sys.executable, "-c", BASELINE, str(source), args.variant])
-        baseline = {
-            "seconds": round(seconds, 2),
-            "peak_rss_bytes": rss,
-            "exit_code": code,
-            "what": "safetensors.torch.load_file of every shard, then mx.quantize of each low-bit linear",
-        }
-    table = Table(title=f"pack of a Klein-4B-shaped {args.variant} checkpoint ({input_bytes / 1e9:.2f} GB in)")
-    for column in ("target", "s", "GB/s", "× copy", "peak RSS", "transformer out", "reproducible"):
+    for variant in args.variants.split(","):
+        sources = ensure_sources(args.workdir, variant, args.scale, console)
+        for case in args.cases.split(","):
+            source = sources[case]
+            input_bytes = folder_bytes(source)
+            for target in args.targets.split(","):
+                out = args.workdir / f"bundle-{variant}-{case}-{target}"
+                for repeat in range(args.repeats):
+                    warm(source)
+                    cp_seconds = time_cp(source, args.workdir / "plain-copy")
+                    warm(source)
+                    seconds, rss, code, stderr = time_pack(source, target, out)
+                    if code:
+                        console.print(f"[red]pack failed[/red] {variant} {case} {target}: {stderr}")
+                    record = {
+                        "variant": variant,
+                        "case": case,
+                        "target": target,
+                        "repeat": repeat,
+                        "input_bytes": input_bytes,
+                        "cp_seconds": round(cp_seconds, 2),
+                        "pack_seconds": round(seconds, 2),
+                        "ratio": round(seconds / cp_seconds, 2),
+                        "pack_gb_per_s": round(input_bytes / seconds / 1e9, 3),
+                        "peak_rss_bytes": rss,
+                        "exit_code": code,
+                        "output_bytes": folder_bytes(out) if code == 0 else None,
+                    }
+                    console.print(
+                        f"{variant:8s} {case:12s} {target:7s} pack {seconds:6.1f} s  cp {cp_seconds:6.1f} s  "
+                        f"×{seconds / cp_seconds:.2f}  RSS {rss / 1e9:.2f} GB"
+                    )
+                    results.append(record)
+                if args.reference_check and code == 0:
+                    reference_out = args.workdir / f"reference-{variant}-{case}-{target}"
+                    environment = dict(os.environ, BONSAI_CONVERT_REFERENCE="1")
+                    ref_seconds, _, ref_code, _ = time_pack(source, target, reference_out, environment)
+                    identical = ref_code == 0 and tree_digest(out) == tree_digest(reference_out)
+                    results[-1]["reference_seconds"] = round(ref_seconds, 2)
+                    results[-1]["identical_to_reference"] = identical
+                    console.print(f"    reference code paths: {ref_seconds:.1f} s, byte-identical: {identical}")
+                    shutil.rmtree(reference_out, ignore_errors=True)
+                shutil.rmtree(out, ignore_errors=True)
+        if not args.keep:
+            for path in sources.values():
+                shutil.rmtree(path, ignore_errors=True)
+    table = Table(title="pack vs cp of the same files, same run (page cache warm for both; --no-golden)")
+    for column in ("variant", "case", "target", "in GB", "pack s", "cp s", "× cp", "peak RSS", "out GB"):
         table.add_column(column, justify="right")
     for r in results:
         table.add_row(
+            r["variant"],
+            r["case"],
             r["target"],
-            f"{r['seconds']:.1f}",
-            f"{r['gb_per_s']:.2f}",
-            f"{r['ratio_to_copy']:.1f}",
+            f"{r['input_bytes'] / 1e9:.2f}",
+            f"{r['pack_seconds']:.1f}",
+            f"{r['cp_seconds']:.1f}",
+            f"{r['ratio']:.2f}",
             f"{r['peak_rss_bytes'] / 1e9:.2f} GB",
-            f"{r['components'].get('transformer', 0) / 1e9:.3f} GB",
-            "yes" if r["reproducible"] else "NO",
-        )
-    if baseline:
-        table.add_row(
-            "naive baseline",
-            f"{baseline['seconds']:.1f}",
-            f"{input_bytes / baseline['seconds'] / 1e9:.2f}",
-            f"{baseline['seconds'] / copy_seconds:.1f}",
-            f"{baseline['peak_rss_bytes'] / 1e9:.2f} GB",
-            "—",
-            "—",
+            f"{(r['output_bytes'] or 0) / 1e9:.2f}",
         )
     console.print(table)
-    console.print(f"plain copy of the same {len(inputs)} files: {copy_seconds:.1f} s")
-    report = {
-        "variant": args.variant,
-        "input_bytes": input_bytes,
-        "copy_seconds": round(copy_seconds, 2),
-        "cpu_count": os.cpu_count(),
-        "targets": results,
-        "baseline": baseline,
-    }
+    report = {"cpu_count": os.cpu_count(), "scale": args.scale, "results": results}
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     console.print(f"wrote {args.json}")
     return 0 if all(r["exit_code"] == 0 for r in results) else 1

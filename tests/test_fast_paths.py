@@ -184,3 +184,47 @@ def test_bundles_and_manifests_are_byte_identical_without_the_fast_paths(
 
 def test_reference_switch_is_read_from_the_environment():
     assert kernels.ENABLED == (os.environ.get("BONSAI_CONVERT_REFERENCE", "") != "1")
+
+
+@pytest.mark.parametrize("trial", range(24))
+def test_text_encoder_4bit_kernels_equal_the_numpy_references(trial):
+    import warnings
+
+    from bonsai_convert.targets import cuda
+    from bonsai_convert.targets import mlx as mlx_target
+
+    rng = np.random.default_rng(trial)
+    rows, cols = int(rng.integers(1, 40)), 64 * int(rng.integers(1, 6))
+    values = (rng.standard_normal((rows, cols)) * 10.0 ** rng.integers(-6, 3)).astype(np.float32)
+    if trial % 3 == 0:
+        values[0, :64] = 0  # a constant group
+    if trial % 4 == 0:
+        values[rng.random(values.shape) < 0.2] = 0
+    if trial % 5 == 0:
+        values[-1, :] = -0.0  # a zero minimum of either sign
+        values[-1, 3] = 0.0
+    if trial % 7 == 0:
+        values[0, 5] = np.float32(1e30)
+    if trial % 11 == 0:
+        values[0, 0], values[0, 1] = np.float32(-3e38), np.float32(3e38)
+    if trial % 13 == 0:
+        values[-1, -1] = np.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for dense_dtype in ("BF16", "F16"):
+            fast = outcome(lambda d=dense_dtype: mlx_target.quantize_text("x", values, d))
+            reference = outcome(lambda d=dense_dtype: mlx_target.quantize_text_reference("x", values, d))
+            if isinstance(reference, str):
+                assert fast == reference
+                continue
+            assert all(
+                a.dtype == b.dtype and np.array_equal(a.view(np.uint8), b.view(np.uint8))
+                for a, b in zip(fast, reference, strict=True)
+            )
+        if not np.isnan(values).any():
+            half = values.astype(np.float16)
+            fast, reference = cuda.quantize_affine_4bit(half), cuda.quantize_affine_4bit_reference(half)
+            assert all(
+                a.dtype == b.dtype and np.array_equal(a.view(np.uint8), b.view(np.uint8))
+                for a, b in zip(fast, reference, strict=True)
+            )
