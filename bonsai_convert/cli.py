@@ -274,8 +274,15 @@ def verify(
     no_golden: bool = typer.Option(False, "--no-golden", help="Same as --no-generate."),
     min_psnr: float | None = typer.Option(None, help="Minimum PSNR in dB (default 40 fp32, 35 fp16)."),
     dtype: ComputeDtype | None = typer.Option(None, help="Runtime compute dtype (default: the golden record's)."),
+    kernels: str = typer.Option(
+        "auto",
+        help="cuda bundles without a GPU: 'interpreter' runs gemlite's own kernels on every low-bit layer (Triton "
+        "interpreter, required), 'fallback' only our decoder, 'auto' the interpreter when installed.",
+    ),
 ) -> None:
     """The release gate: integrity, bit-exact weights, and the golden image. Exit 0 only if all checks pass."""
+    if kernels not in ("auto", "interpreter", "fallback"):
+        raise UsageError(f"--kernels must be auto, interpreter or fallback, not {kernels!r}")
     from rich.table import Table
 
     from .schemas import validate
@@ -283,7 +290,12 @@ def verify(
     from .verify_record import record_pass
 
     options = VerifyOptions(
-        source=source, generate=generate and not no_golden, min_psnr=min_psnr, image=image, dtype=value(dtype)
+        source=source,
+        generate=generate and not no_golden,
+        min_psnr=min_psnr,
+        image=image,
+        dtype=value(dtype),
+        kernels=kernels,
     )
     result = verify_bundle(bundle, options)
     validate(result, "verify_report", "verify report")

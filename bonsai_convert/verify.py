@@ -40,6 +40,7 @@ class VerifyOptions:
     min_psnr: float | None = None
     image: Path | None = None
     dtype: str | None = None
+    kernels: str = "auto"  # cuda bundles: "interpreter" (gemlite's kernels on CPU, required), "fallback", "auto"
 
 
 class Checks(list):
@@ -298,6 +299,56 @@ def side_by_side(reference: np.ndarray, bundle_image: np.ndarray, path: Path) ->
     temporary.replace(path)
 
 
+def check_gemlite_kernels(bundle: Path, options: VerifyOptions, checks: Checks) -> None:
+    """cuda bundles without a GPU: gemlite's own kernels (Triton interpreter) on every transformer low-bit linear,
+    the production kernel for M = 1 (GEMV_REVSPLITK) and M = 64 (GEMM), against the bundle's decoded weights
+    (which the weights check proved exact). On a GPU the golden image already runs them compiled."""
+    import tempfile
+
+    import torch
+
+    name = "gemlite kernels"
+    if options.kernels == "fallback":
+        checks.skip(name, "not checked (--kernels fallback): only our decoder ran the low-bit layers")
+        return
+    if torch.cuda.is_available():
+        checks.skip(name, "CUDA present: the golden image runs gemlite's compiled kernels")
+        return
+    from bonsai_cuda import interpreter
+
+    reason = interpreter.unavailable_reason()
+    if reason:
+        if options.kernels == "interpreter":
+            checks.add(name, False, f"--kernels interpreter: {reason}")
+        else:
+            checks.skip(name, f"not checked: {reason}")
+        return
+    settings = read_json(bundle / "pipeline.json")
+    folder = bundle / settings.get("folders", {}).get("transformer", "transformer")
+    with tempfile.TemporaryDirectory(prefix="bonsai-kernels-") as work:
+        report = Path(work) / "layers.json"
+        try:
+            interpreter.run_child(["layers", str(folder), "--every-kernel", "none", "--json", str(report)])
+        except (RuntimeError, OSError) as error:
+            checks.add(name, False, str(error)[:500])
+            return
+        results = read_json(report)["results"]
+    worst = max((r["max_error"] / r["scale"] for r in results), default=0.0)
+    bad = [r for r in results if not r["finite"] or r["max_error"] > KERNEL_TOLERANCE * r["scale"]]
+    layers = len({r["layer"] for r in results})
+    seconds = sum(r["seconds"] for r in results)
+    detail = (
+        f"{layers} layers, GEMV_REVSPLITK (M=1) and GEMM (M=64) in the Triton interpreter: max error "
+        f"{worst:.2g} × max(1, |ref|) (limit {KERNEL_TOLERANCE:g}), {seconds:.1f} s"
+    )
+    if bad:
+        detail += f"; {len(bad)} failed, first {bad[0]['layer']} {bad[0]['kernel']}"
+    checks.add(name, bool(results) and not bad, detail)
+
+
+KERNEL_TOLERANCE = 4e-3
+
+
 def check_golden(bundle: Path, manifest: dict, options: VerifyOptions, checks: Checks) -> float | None:
     """Run the target's runtime on the golden record and compare with the stored reference output."""
     from .runtimes import generate
@@ -377,6 +428,10 @@ def verify_bundle(bundle: Path, options: VerifyOptions) -> dict:
                     "generation",
                     "not checked: the bundle has no golden record (transformer-only or packed with --no-golden)",
                 )
+            if manifest["target"] == "cuda" and options.generate:
+                check_gemlite_kernels(bundle, options, checks)  # runs with the runtime checks
+            if not options.generate or manifest["golden"] is None:
+                pass
             elif manifest["target"] == "packed":
                 checks.skip("generation", "not checked: a packed bundle has no runtime (pack it for a device)")
             else:

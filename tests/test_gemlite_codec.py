@@ -119,7 +119,6 @@ WORKED = {  # formats/gemlite.md, "Worked test vector" (hand-computed, independe
         "zeros": _half([[0xB800, 0xBC00], [0xB400, 0xC000]]),
         "metadata": np.array([0, 1, 128, 1, 32, 1, 1, 0, 1, 0, 4, 1], np.int32),
         "orig_shape": np.array([2, 256], np.int32),
-        "meta_scale": np.array(0.0, np.float32),
     },
     "ternary": {
         "W_q": _words([(0x64646464, 0x55555555), (0x64646464, 0xAAAAAAAA)], 8),
@@ -127,7 +126,6 @@ WORKED = {  # formats/gemlite.md, "Worked test vector" (hand-computed, independe
         "zeros": np.array(1, np.int32),
         "metadata": np.array([0, 2, 128, 3, 16, 1, 1, 0, 1, 0, 3, 1], np.int32),
         "orig_shape": np.array([2, 256], np.int32),
-        "meta_scale": np.array(0.0, np.float32),
     },
 }
 
@@ -239,6 +237,9 @@ def test_decode_rejects_malformed_states(variant: str, key: str, value: np.ndarr
 def test_decode_requires_every_tensor() -> None:
     codes, scales = _vector_layers()["binary"]
     state = gemlite.encode(codes, scales, "binary")
-    del state["meta_scale"]
-    with pytest.raises(InputError, match="missing tensor meta_scale"):
-        gemlite.decode(state)
+    assert "meta_scale" not in state  # gemlite's load_state_dict defaults it to 0.0; the released loader rejects it
+    gemlite.decode(dict(state, meta_scale=np.array(0.0, np.float32)))  # gemlite's own state_dict() has it
+    for key in ("W_q", "scales", "metadata", "orig_shape"):
+        partial = {name: value for name, value in state.items() if name != key}
+        with pytest.raises(InputError, match=f"missing tensor {key}"):
+            gemlite.decode(partial)

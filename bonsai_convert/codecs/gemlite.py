@@ -14,9 +14,12 @@ from ..errors import InputError
 from . import row_blocks
 
 GROUP_SIZE = 128
-PACKING_BITWIDTH = 32
+PACKING_BITWIDTH = 32  # what `encode` writes unless told otherwise (int32 words)
+PACKING_BITWIDTHS = (8, 32)  # uint8 bytes (the released packs) or int32 words; same bit order
 VARIANT_BITS = {"binary": 1, "ternary": 2}
-STATE_KEYS = ("W_q", "scales", "zeros", "metadata", "orig_shape", "meta_scale")
+# What a bundle stores per linear: the keys PrismML's released loader takes (it raises on any other key, e.g.
+# gemlite's `meta_scale`, a 0-d fp32 0.0 used only by NVFP4, which `load_state_dict` defaults when absent).
+STATE_KEYS = ("W_q", "scales", "zeros", "metadata", "orig_shape")
 FP16_MAX = float(np.finfo(np.float16).max)
 
 # gemlite.dtypes.DType values used in `metadata`.
@@ -39,7 +42,9 @@ METADATA_FIELDS = (
 )
 
 
-def _metadata(nbits: int, group_size: int, channel_scale_mode: int, group_mode: int) -> np.ndarray:
+def _metadata(
+    nbits: int, group_size: int, channel_scale_mode: int, group_mode: int, packing_bitwidth: int = PACKING_BITWIDTH
+) -> np.ndarray:
     """metadata int32[12] of an fp16-in/fp16-out layer with fp16 scales and fp32 accumulation."""
     return np.array(
         [
@@ -47,7 +52,7 @@ def _metadata(nbits: int, group_size: int, channel_scale_mode: int, group_mode: 
             nbits,
             group_size,
             2**nbits - 1,
-            PACKING_BITWIDTH // nbits,
+            packing_bitwidth // nbits,
             DTYPE_FP16,
             DTYPE_FP16,
             DTYPE_FP32,
@@ -60,10 +65,15 @@ def _metadata(nbits: int, group_size: int, channel_scale_mode: int, group_mode: 
     )
 
 
-def pack_words(q: np.ndarray, nbits: int) -> np.ndarray:
-    """uint8 q [N, K] → int32 words [K/e, N], e = 32/nbits; q[n, k] at bit (k % e)·nbits of word [k//e, n]."""
+def pack_words(q: np.ndarray, nbits: int, packing_bitwidth: int = PACKING_BITWIDTH) -> np.ndarray:
+    """uint8 q [N, K] → int32 words [K/e, N], e = 32/nbits; q[n, k] at bit (k % e)·nbits of word [k//e, n].
+
+    packing_bitwidth 8: uint8 bytes [K/e, N], e = 8/nbits, the same fields (a little-endian int32 word is four
+    such bytes of consecutive k)."""
     from .. import kernels
 
+    if packing_bitwidth == 8:
+        return _pack_bytes(q, nbits).T.copy()
     if kernels.ENABLED and q.shape[1] % (PACKING_BITWIDTH // nbits) == 0:
         words = np.empty((q.shape[1] * nbits // PACKING_BITWIDTH, q.shape[0]), dtype=np.uint32)
         kernels.pack_words_transposed(np.ascontiguousarray(q, dtype=np.uint8), nbits, words)
@@ -71,9 +81,11 @@ def pack_words(q: np.ndarray, nbits: int) -> np.ndarray:
     return pack_words_reference(q, nbits)
 
 
-def pack_words_reference(q: np.ndarray, nbits: int) -> np.ndarray:
-    """`pack_words` in plain numpy."""
+def _pack_bytes(q: np.ndarray, nbits: int) -> np.ndarray:
+    """uint8 q [N, K] → uint8 [N, K·nbits/8], q[n, k] at bit (k % e)·nbits of byte k // e (e = 8/nbits)."""
     out_features, in_features = q.shape
+    if nbits == 8:
+        return np.ascontiguousarray(q)
     if nbits == 1:
         packed = np.packbits(q, axis=1, bitorder="little")  # bit k % 8 of byte k // 8
     else:  # fields LSB-first within each byte (≤ 8 vectorized passes, not per group)
@@ -82,13 +94,24 @@ def pack_words_reference(q: np.ndarray, nbits: int) -> np.ndarray:
         packed = fields[:, :, 0].copy()
         for slot in range(1, per_byte):
             packed |= fields[:, :, slot] << np.uint8(slot * nbits)
+    return packed
+
+
+def pack_words_reference(q: np.ndarray, nbits: int) -> np.ndarray:
+    """`pack_words` (packing bitwidth 32) in plain numpy."""
+    packed = _pack_bytes(q, nbits)
     # Four consecutive bytes, read little-endian, are one word: byte j holds bits 8j..8j+7 of it.
     words = np.ascontiguousarray(packed).view("<u4")
     return np.ascontiguousarray(words.T).view("<i4").astype(np.int32, copy=False)
 
 
 def encode_affine(
-    q: np.ndarray, scales: np.ndarray, zeros: np.ndarray | int, nbits: int, group_size: int = GROUP_SIZE
+    q: np.ndarray,
+    scales: np.ndarray,
+    zeros: np.ndarray | int,
+    nbits: int,
+    group_size: int = GROUP_SIZE,
+    packing_bitwidth: int = PACKING_BITWIDTH,
 ) -> dict[str, np.ndarray]:
     """GemLiteLinearTriton state after pack(q, scales, zeros), fp16 scales: W ≈ (q − zeros)·scales per group.
 
@@ -99,6 +122,8 @@ def encode_affine(
     """
     if nbits not in (1, 2, 4, 8):
         raise ValueError(f"gemlite packs 1, 2, 4 or 8-bit weights, not {nbits}")
+    if packing_bitwidth not in PACKING_BITWIDTHS:
+        raise ValueError(f"packing bitwidth {packing_bitwidth} is not one of {PACKING_BITWIDTHS}")
     if q.ndim != 2 or q.dtype != np.uint8:
         raise ValueError(f"q must be a 2-D uint8 array, got {q.dtype} {list(q.shape)}")
     out_features, in_features = q.shape
@@ -127,22 +152,23 @@ def encode_affine(
     if channelwise:
         channel_scale_mode, group_mode = 1, 1
     return {
-        "W_q": pack_words(q, nbits),
+        "W_q": pack_words(q, nbits, packing_bitwidth),
         "scales": np.ascontiguousarray(scales.T),
         "zeros": stored_zeros,
-        "metadata": _metadata(nbits, group_size, channel_scale_mode, group_mode),
+        "metadata": _metadata(nbits, group_size, channel_scale_mode, group_mode, packing_bitwidth),
         "orig_shape": np.array([out_features, in_features], dtype=np.int32),
-        "meta_scale": np.array(0.0, dtype=np.float32),
     }
 
 
-def encode(codes: np.ndarray, scales: np.ndarray, variant: str) -> dict[str, np.ndarray]:
+def encode(
+    codes: np.ndarray, scales: np.ndarray, variant: str, packing_bitwidth: int = PACKING_BITWIDTH
+) -> dict[str, np.ndarray]:
     """Exact binary (A16W1) / ternary (A16W2) gemlite state of codes int8 [N, K] and fp16 scales [N, K/128].
 
     binary: q = (b+1)/2, scales 2s, zeros 0.5 (W = q·2s − s); ternary: q = t+1, scales s, zeros int 1.
     Rows are encoded in blocks (bounded temporaries); the transposed [*, N] tensors are joined along N.
     """
-    parts = [_encode_rows(codes[rows], scales[rows], variant) for rows in row_blocks(codes.shape[0])]
+    parts = [_encode_rows(codes[rows], scales[rows], variant, packing_bitwidth) for rows in row_blocks(codes.shape[0])]
     if len(parts) == 1:
         return parts[0]
     state = dict(parts[0])
@@ -152,7 +178,7 @@ def encode(codes: np.ndarray, scales: np.ndarray, variant: str) -> dict[str, np.
     return state
 
 
-def _encode_rows(codes: np.ndarray, scales: np.ndarray, variant: str) -> dict[str, np.ndarray]:
+def _encode_rows(codes: np.ndarray, scales: np.ndarray, variant: str, packing_bitwidth: int) -> dict[str, np.ndarray]:
     """`encode` of one block of rows."""
     if variant not in VARIANT_BITS:
         raise ValueError(f"unknown variant {variant!r}")
@@ -166,33 +192,43 @@ def _encode_rows(codes: np.ndarray, scales: np.ndarray, variant: str) -> dict[st
             worst = float(np.abs(scales.astype(np.float32)).max())
             raise InputError(f"binary scale {worst:g} cannot be stored as 2·s in fp16 (|s| must be ≤ {FP16_MAX / 2:g})")
         q = (codes > 0).astype(np.uint8)
-        return encode_affine(q, doubled.astype(np.float16), np.full(scales.shape, 0.5, np.float16), 1)
+        zeros = np.full(scales.shape, 0.5, np.float16)
+        return encode_affine(q, doubled.astype(np.float16), zeros, 1, GROUP_SIZE, packing_bitwidth)
     if not ((codes >= -1) & (codes <= 1)).all():
         raise ValueError("ternary codes must be -1, 0 or +1")
-    return encode_affine((codes + 1).astype(np.uint8), scales, 1, 2)
+    return encode_affine((codes + 1).astype(np.uint8), scales, 1, 2, GROUP_SIZE, packing_bitwidth)
 
 
 def affine_tensor_specs(
-    name_prefix: str, out_features: int, in_features: int, nbits: int, group_size: int, int_zero: bool
+    name_prefix: str,
+    out_features: int,
+    in_features: int,
+    nbits: int,
+    group_size: int,
+    int_zero: bool,
+    packing_bitwidth: int = PACKING_BITWIDTH,
 ) -> list[tuple[str, str, tuple]]:
     """(name, safetensors dtype, shape) of what `encode_affine` gives (int_zero: zeros passed as an int)."""
     groups = in_features // group_size
     shapes = {
-        "W_q": ("I32", (in_features * nbits // PACKING_BITWIDTH, out_features)),
+        "W_q": ("U8" if packing_bitwidth == 8 else "I32", (in_features * nbits // packing_bitwidth, out_features)),
         "scales": ("F16", (groups, out_features)),
         "zeros": ("I32", ()) if int_zero else ("F16", (groups, out_features)),
         "metadata": ("I32", (len(METADATA_FIELDS),)),
         "orig_shape": ("I32", (2,)),
-        "meta_scale": ("F32", ()),
     }
     prefix = name_prefix.rstrip(".")
     return [(f"{prefix}.{key}", *shapes[key]) for key in STATE_KEYS]
 
 
-def tensor_specs(name_prefix: str, out_features: int, in_features: int, variant: str) -> list[tuple[str, str, tuple]]:
+def tensor_specs(
+    name_prefix: str, out_features: int, in_features: int, variant: str, packing_bitwidth: int = PACKING_BITWIDTH
+) -> list[tuple[str, str, tuple]]:
     """(name, safetensors dtype, shape) of every tensor `encode` gives, named `<name_prefix>.<key>`."""
     nbits = VARIANT_BITS[variant]
-    return affine_tensor_specs(name_prefix, out_features, in_features, nbits, GROUP_SIZE, variant == "ternary")
+    return affine_tensor_specs(
+        name_prefix, out_features, in_features, nbits, GROUP_SIZE, variant == "ternary", packing_bitwidth
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -222,10 +258,12 @@ def read_metadata(state: dict[str, np.ndarray]) -> dict[str, int]:
 
 
 def unpack_words(words: np.ndarray, nbits: int, in_features: int) -> np.ndarray:
-    """int32 words [K/e, N] → uint8 q [N, K]: q[n, k] = (words[k//e, n] >> (k % e)·nbits) & (2**nbits − 1)."""
-    per_word = PACKING_BITWIDTH // nbits
-    shifts = np.arange(per_word, dtype=np.uint32) * np.uint32(nbits)
-    fields = (words.view(np.uint32)[:, None, :] >> shifts[None, :, None]) & np.uint32(2**nbits - 1)
+    """int32 words [K/e, N] (or uint8 bytes, packing bitwidth 8) → uint8 q [N, K]:
+    q[n, k] = (words[k//e, n] >> (k % e)·nbits) & (2**nbits − 1)."""
+    unsigned = words.view(np.uint32) if words.dtype == np.int32 else words
+    per_word = unsigned.dtype.itemsize * 8 // nbits
+    shifts = np.arange(per_word, dtype=unsigned.dtype) * unsigned.dtype.type(nbits)
+    fields = (unsigned[:, None, :] >> shifts[None, :, None]) & unsigned.dtype.type(2**nbits - 1)
     return np.ascontiguousarray(fields.reshape(in_features, words.shape[1]).T).astype(np.uint8)
 
 
@@ -236,10 +274,11 @@ def _layer(state: dict[str, np.ndarray]) -> tuple[dict[str, int], np.ndarray, np
     n, k = meta["out_features"], meta["in_features"]
     if nbits not in (1, 2, 4, 8) or group_size < 16 or n <= 0 or k <= 0 or k % 32 or k % group_size:
         raise _fail(f"unsupported W_nbits {nbits} / group_size {group_size} / shape [{n}, {k}]")
+    packing_bitwidth = 8 if np.asarray(state.get("W_q", np.zeros(0, np.int32))).dtype == np.uint8 else PACKING_BITWIDTH
     expected = {
         "scaled_activations": 0,
         "unpack_mask": 2**nbits - 1,
-        "elements_per_sample": PACKING_BITWIDTH // nbits,
+        "elements_per_sample": packing_bitwidth // nbits,
         "input_dtype": DTYPE_FP16,
         "output_dtype": DTYPE_FP16,
         "meta_dtype": DTYPE_FP16,
@@ -254,9 +293,11 @@ def _layer(state: dict[str, np.ndarray]) -> tuple[dict[str, int], np.ndarray, np
         )
     if (meta["channel_scale_mode"] == 1) != (k == group_size):
         raise _fail("channel_scale_mode 1 is used exactly when in_features == group_size")
-    words = _checked(state, "W_q", np.int32, (k * nbits // PACKING_BITWIDTH, n))
+    word_type = np.uint8 if packing_bitwidth == 8 else np.int32
+    words = _checked(state, "W_q", word_type, (k * nbits // packing_bitwidth, n))
     scales = _checked(state, "scales", np.float16, (k // group_size, n))
-    _checked(state, "meta_scale", np.float32, ())
+    if "meta_scale" in state:  # gemlite's state_dict has it; the released loader's layout does not
+        _checked(state, "meta_scale", np.float32, ())
     zeros = np.asarray(state.get("zeros", np.zeros(0)))
     if meta["W_group_mode"] != 2 and not (
         (zeros.dtype == np.int32 and zeros.shape == ())

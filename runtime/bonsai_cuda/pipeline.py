@@ -163,6 +163,8 @@ def load_pipeline(
         backend = "gemlite" if device.type == "cuda" and gemlite_available() else "decoded"
     if backend == "gemlite" and device.type != "cuda":
         raise BundleError("the gemlite backend needs a CUDA device")
+    if backend == "interpreter" and device.type != "cpu":
+        raise BundleError("the interpreter backend runs gemlite's kernels on CPU tensors")
 
     transformer = load_component(Flux2Transformer2DModel, root / "transformer", backend, device, dtype)
     te_folder = root / "text_encoder"
@@ -182,7 +184,8 @@ def load_pipeline(
     pipe.set_progress_bar_config(disable=True)
     tuned = load_autotune_cache(root) if backend == "gemlite" else None
     pipe.bonsai_settings = dict(settings, backend=backend, autotune_cache=str(tuned) if tuned else None)
-    pipe.bonsai_backend = f"gemlite ({device})" if backend == "gemlite" else f"decoded torch ({device})"
+    names = {"gemlite": f"gemlite ({device})", "interpreter": "gemlite kernels (Triton interpreter, cpu)"}
+    pipe.bonsai_backend = names.get(backend, f"decoded torch ({device})")
     return pipe
 
 

@@ -1,0 +1,98 @@
+"""Gemlite's own kernels (Triton interpreter, CPU) on the demo's cuda bundles; gemlite's pack() equals ours.
+
+Needs gemlite 0.6.0.post2 and triton (installed with the project on Linux x86-64, else `.[cuda-sim]`): the module
+skips, saying why, only when they cannot be imported. Each check runs in a fresh Python (`run_child`): the
+interpreter must be on before triton is first imported, and the CUDA stand-ins stay out of this process.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from bonsai_common.image import psnr
+from bonsai_cuda import interpreter
+from conftest import bundle_folder
+
+from bonsai_convert.lowbit import is_low_bit_key
+
+REASON = interpreter.unavailable_reason()
+pytestmark = pytest.mark.skipif(REASON is not None, reason=f"Gemlite CPU harness unavailable: {REASON}")
+VARIANTS = ("binary", "ternary")
+# fp16 outputs and fp32 accumulation in another order than the float64 reference: relative to max(1, max |ref|).
+TOLERANCE = 4e-3
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gemlite_kernels_on_every_bundle_layer(demo_bundle, demo_checkpoint, variant: str, tmp_path: Path) -> None:
+    """Every low-bit linear, loaded with load_state_dict (no re-pack): gemlite's production kernel at M = 1
+    (GEMV_REVSPLITK) and M = 64 (GEMM), and every other kernel on the first layer of each shape, against a dense
+    matmul of the source checkpoint's weights."""
+    bundle = demo_bundle(variant, "cuda")
+    source = demo_checkpoint(variant) / "transformer"
+    report = tmp_path / "layers.json"
+    folder = bundle_folder(bundle, "transformer")
+    interpreter.run_child(["layers", str(folder), "--reference", str(source), "--json", str(report)])
+    results = json.loads(report.read_text())["results"]
+    from safetensors import safe_open
+
+    with safe_open(str(next(source.glob("*.safetensors"))), framework="np") as handle:
+        low_bit = sorted(name[: -len(".weight")] for name in handle.keys() if is_low_bit_key(name))
+    assert sorted({r["layer"] for r in results}) == low_bit
+    for name in low_bit:
+        ran = {(r["rows"], r["kernel"]) for r in results if r["layer"] == name}
+        assert {(1, "GEMV_REVSPLITK"), (64, "GEMM")} <= ran, name
+    assert {r["kernel"] for r in results} == set(interpreter.ALL_KERNELS)
+    for r in results:
+        assert r["finite"] and r["max_error"] <= TOLERANCE * r["scale"], r
+
+
+def test_gemlite_pack_writes_our_bytes(tmp_path: Path) -> None:
+    """gemlite's own pack() (its torch packer on CPU) on the codes of the demo layers gives our encoder's tensors
+    byte for byte: both variants, packing bitwidths 8 and 32, per-channel (K = 128) and grouped layers."""
+    child = Path(__file__).with_name("gemlite_pack_child.py")
+    report = tmp_path / "pack.json"
+    done = subprocess.run(
+        [sys.executable, str(child), str(report)],
+        env=dict(__import__("os").environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES=""),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    cases = json.loads(report.read_text())
+    assert {(c["variant"], c["packing_bitwidth"]) for c in cases} == {(v, b) for v in VARIANTS for b in (8, 32)}
+    assert any(c["shape"][1] == 128 for c in cases) and any(c["shape"][1] > 128 for c in cases)
+    for case in cases:
+        assert case["equal"], case
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_cuda_runtime_with_gemlite_kernels_reproduces_golden_image(demo_bundle, variant: str, tmp_path: Path) -> None:
+    """The whole CUDA runtime on the demo bundle, every low-bit linear (transformer and 4-bit text encoder) run by
+    gemlite's kernels in the interpreter (fp16 activations), against the golden record (fp32 reference)."""
+    from bonsai_convert.safetensors_io import SafetensorsFile
+
+    bundle = demo_bundle(variant, "cuda")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    record = json.loads((bundle / manifest["golden"]).read_text())
+    noise = np.array(SafetensorsFile(bundle / record["noise"]).load("noise"))
+    reference = SafetensorsFile(bundle / record["outputs"]).load("image")
+    np.save(tmp_path / "noise.npy", noise)
+    out = tmp_path / "run.npz"
+    size = [str(record["width"]), "--height", str(record["height"])]
+    interpreter.run_child(
+        ["generate", str(bundle), "--prompt", record["prompt"], "--seed", str(record["seed"]),
+         "--steps", str(record["steps"]), "--width", *size, "--noise", str(tmp_path / "noise.npy"),
+         "--npz", str(out)]
+    )  # fmt: skip
+    result = np.load(out)
+    calls = json.loads(str(result["calls"]))
+    assert calls and sum(calls.values()) > 0, calls
+    value = psnr(reference, result["image"])
+    print(f"{variant}: {value:.2f} dB, kernels {calls}, {float(result['seconds']):.1f} s")
+    assert value >= 40.0
