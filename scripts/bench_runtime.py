@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -93,12 +93,15 @@ def run_side(args: argparse.Namespace, side: str, bundle: Path) -> dict:
     if args.max_sequence_length:
         command += ["--max-sequence-length", str(args.max_sequence_length)]
     start = time.perf_counter()
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    output = child.stdout.read() if child.stdout else ""
+    _, status, usage = os.wait4(child.pid, 0)  # this child's own high-water mark (not the max over children)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode:
+        raise SystemExit(f"{side} side failed with exit code {child.returncode}")
     result = json.loads(output.strip().splitlines()[-1])
     result["wall_seconds"] = round(time.perf_counter() - start, 2)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    result["peak_rss_bytes"] = after * 1024 if after > before else None  # None: not above an earlier child
+    result["peak_rss_bytes"] = usage.ru_maxrss * 1024
     later = result["step_seconds"][1:] or result["step_seconds"]
     result["median_step_seconds"] = statistics.median(later)
     return result
@@ -144,7 +147,7 @@ def main() -> int:
     }
     print(f"{'':12}{'per step (median)':>20}{'load+encode':>14}{'peak RSS':>12}")
     for name, side in (("diffusers", diffusers), ("mlx", mlx)):
-        rss = f"{side['peak_rss_bytes'] / 1e9:.2f} GB" if side["peak_rss_bytes"] else "n/a"
+        rss = f"{side['peak_rss_bytes'] / 1e9:.2f} GB"
         load = side["load_and_encode_seconds"]
         print(f"{name:12}{side['median_step_seconds']:>19.3f}s{load:>13.2f}s{rss:>12}")
     print(f"MLX / diffusers per step: {ratio:.2f}x  ({args.source}, {args.size}², {args.dtype}, BLAS {mlx['blas']})")
@@ -153,8 +156,6 @@ def main() -> int:
 
 
 def _cpus() -> int:
-    import os
-
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 0)
 
 
