@@ -138,34 +138,6 @@ def cut_text_encoder_config(folder, out_layers):
     return config
 
 
-def dequantized_text_encoder(source: Source, config, dtype):
-    """Qwen3 holding an MLX pack's 4-bit text encoder dequantized (scale·q + bias): the weights as shipped."""
-    import torch
-    from transformers import Qwen3ForCausalLM
-
-    from .source import QuantizedTextEncoder
-
-    for key in ("quantization", "quantization_config"):
-        if hasattr(config, key):
-            delattr(config, key)
-    reader = QuantizedTextEncoder(source.components["text_encoder"])
-    with torch.device("meta"):
-        encoder = Qwen3ForCausalLM(config)
-    state = {}
-    for name in encoder.state_dict():
-        if name == "lm_head.weight" and config.tie_word_embeddings:
-            continue
-        state[name] = torch.from_numpy(reader.load(name)).to(dtype)
-    encoder.load_state_dict(state, assign=True, strict=False)
-    if config.tie_word_embeddings:
-        encoder.tie_weights()
-    encoder.model.rotary_emb = type(encoder.model.rotary_emb)(config=config)  # its buffers are not in the state
-    left = [name for name, tensor in encoder.state_dict().items() if tensor.is_meta]
-    if left:
-        raise ValueError(f"text encoder tensor {left[0]} not in the pack")
-    return encoder.eval()
-
-
 def _shipped_tensor(name: str, tensor, dtype, shipped):
     """A source tensor in `dtype`, turned into its shipped values in row chunks (the 4-bit groups lie along rows)."""
     import torch
@@ -200,7 +172,7 @@ def _tensor_files(folder) -> dict[str, str]:
         return {name: str(path) for name in handle.keys()}
 
 
-def layerwise_text_encoder(folder, config, dtype, shipped=None):
+def layerwise_text_encoder(folder, config, dtype, shipped=None, prequantized: bool = False):
     """Qwen3ForCausalLM (cut `config`) whose decoder layers are read from the source when they run and dropped
     right after (forward hooks): resident are the embedding (tied lm_head), the final norm and one layer, so the
     reference text encoder fits in fp32 (~2.5 GB for Qwen3-4B instead of 12.4 GB)."""
@@ -209,11 +181,27 @@ def layerwise_text_encoder(folder, config, dtype, shipped=None):
     from safetensors import safe_open
     from transformers import Qwen3ForCausalLM
 
-    files = _tensor_files(folder)
+    if prequantized:  # a released MLX pack's 4-bit encoder: its tensors dequantized (scale·q + bias) on read
+        from pathlib import Path as PathType
 
-    def read(name: str):
-        with safe_open(files[name], framework="pt") as handle:
-            return _shipped_tensor(name, handle.get_tensor(name), dtype, shipped)
+        import torch
+
+        from .source import QuantizedTextEncoder
+
+        reader = QuantizedTextEncoder(PathType(folder))
+
+        def read(name: str):
+            return _shipped_tensor(name, torch.from_numpy(reader.load(name)), dtype, shipped)
+
+        for key in ("quantization", "quantization_config"):
+            if hasattr(config, key):
+                delattr(config, key)
+    else:
+        files = _tensor_files(folder)
+
+        def read(name: str):
+            with safe_open(files[name], framework="pt") as handle:
+                return _shipped_tensor(name, handle.get_tensor(name), dtype, shipped)
 
     with init_empty_weights():
         model = Qwen3ForCausalLM._from_config(config, torch_dtype=dtype)
@@ -261,8 +249,9 @@ def encode_prompt_phase(
     quiet_libraries()
     folders = source.components
     config = cut_text_encoder_config(folders["text_encoder"], out_layers)
-    if torch.device(device).type == "cpu":
-        encoder = layerwise_text_encoder(folders["text_encoder"], config, dtype, shipped)
+    if torch.device(device).type == "cpu" or source.text_encoder_prequantized:
+        prequantized = source.text_encoder_prequantized
+        encoder = layerwise_text_encoder(folders["text_encoder"], config, dtype, shipped, prequantized)
     else:  # an accelerator: the whole cut encoder on it
         encoder = Qwen3ForCausalLM.from_pretrained(
             folders["text_encoder"], config=config, torch_dtype=dtype, use_safetensors=True

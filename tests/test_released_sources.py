@@ -221,3 +221,13 @@ def test_every_cli_choice_is_a_usage_error_listing_the_choices(args, tmp_path):
     assert result.returncode == 2, result.stderr
     assert "is not one of" in result.stderr and "internal error" not in result.stderr, result.stderr
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("target", ["iphone", "cuda"])
+def test_plan_predicts_the_bundle_of_a_released_mlx_pack_byte_for_byte(mlx_release, tmp_path, target):
+    from bonsai_convert.plan import describe_source, plan
+
+    manifest = pack(str(mlx_release), tmp_path / "b", PackOptions(target=target))
+    predicted = plan(describe_source(str(mlx_release)), target, "ternary", 64, 64)
+    assert predicted["components"] == manifest["components"]
+    assert predicted["total_bytes"] == manifest["total_bytes"]
