@@ -7,7 +7,9 @@ For random exact binary/ternary layers at several shapes it checks, against the 
   2. our tensors load with `load_state_dict` into a fresh layer without a re-pack (state_dict unchanged), also
      through `bonsai_cuda.layers.build_linear` (the runtime's path);
   3. the loaded layer's output matches a dense fp16 matmul with the exact weights (GEMV, GEMM_SPLITK and GEMM
-     batch sizes).
+     batch sizes), and every kernel the CPU harness runs (bonsai_cuda.interpreter.check_layer: each of the five
+     matmul types at M = 1, the GEMM ones at M = 64) is within the harness's tolerance, compiled this time;
+  4. packing bitwidth 8 (the released packs' uint8 words): pack() on CUDA equals `encode(..., packing_bitwidth=8)`.
 Prints a table and writes JSON. Needs CUDA and gemlite; without them it prints one line and exits 2.
 """
 
@@ -26,7 +28,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "runtime")]
 
 SHAPES = [(256, 128), (640, 640), (3072, 3072), (18432, 3072), (3072, 9216), (27648, 3072), (3072, 12288)]
 BATCHES = (1, 16, 256)  # gemlite picks GEMV_REVSPLITK (M ≤ 4), GEMM_SPLITK (4 < M < 64), GEMM (M ≥ 64)
-CHECKS = ("pack_cuda", "pack_cpu", "load_state_dict", "runtime_load")
+CHECKS = ("pack_cuda", "pack_cpu", "pack_cuda_8", "load_state_dict", "runtime_load")
+KERNEL_TOLERANCE = 4e-3  # the CPU harness's limit (tests/test_gemlite_interpreter.py), × max(1, max |ref|)
 REL_TOLERANCE = 2e-3  # relative Frobenius error of the fp16 output against the fp32 product
 
 
@@ -41,7 +44,7 @@ def random_layer(rng, shape: tuple[int, int], variant: str):
     return codes, scales
 
 
-def gemlite_pack(torch, gemlite, codes, scales, variant: str, device: str):
+def gemlite_pack(torch, gemlite, codes, scales, variant: str, device: str, packing_bitwidth: int = 32):
     """What gemlite itself stores for these codes (A16W1/A16W2, fp16, group 128, fma_mode, 32-bit words)."""
     import numpy as np
     from gemlite.core import DType, GemLiteLinearTriton
@@ -58,7 +61,7 @@ def gemlite_pack(torch, gemlite, codes, scales, variant: str, device: str):
         q = torch.from_numpy((codes + 1).astype(np.uint8)).to(device)
         s = torch.from_numpy(scales).to(device)
         zeros = 1
-    layer.pack(q, s, zeros, bias=None, fma_mode=True, packing_bitwidth=32)
+    layer.pack(q, s, zeros, bias=None, fma_mode=True, packing_bitwidth=packing_bitwidth)
     return layer
 
 
@@ -70,6 +73,9 @@ def differences(ours: dict, theirs: dict) -> list[str]:
     """Names of tensors that differ in name, dtype, shape or bytes (empty: byte-identical)."""
     import numpy as np
 
+    theirs = dict(theirs)
+    if "meta_scale" not in ours and float(theirs.get("meta_scale", 0.0)) == 0.0:
+        theirs.pop("meta_scale", None)  # we do not store it (the released loader rejects it); 0.0 is the default
     problems = [f"missing {key}" for key in sorted(set(theirs) - set(ours))]
     problems += [f"extra {key}" for key in sorted(set(ours) - set(theirs))]
     for key in sorted(set(ours) & set(theirs)):
@@ -94,6 +100,9 @@ def check_shape(torch, gemlite, rng, shape, variant: str) -> dict:
     row: dict = {"variant": variant, "shape": list(shape)}
     row["pack_cuda"] = differences(ours, state_numpy(gemlite_pack(torch, gemlite, codes, scales, variant, "cuda")))
     row["pack_cpu"] = differences(ours, state_numpy(gemlite_pack(torch, gemlite, codes, scales, variant, "cpu")))
+    ours_8 = codec.encode(codes, scales, variant, packing_bitwidth=8)
+    theirs_8 = gemlite_pack(torch, gemlite, codes, scales, variant, "cuda", packing_bitwidth=8)
+    row["pack_cuda_8"] = differences(ours_8, state_numpy(theirs_8))
 
     n, k = shape
     fresh = GemLiteLinearTriton(codec.VARIANT_BITS[variant], group_size=128, in_features=k, out_features=n,
@@ -120,8 +129,15 @@ def check_shape(torch, gemlite, rng, shape, variant: str) -> dict:
             "finite": bool(torch.isfinite(got).all()),
         }
     row["matmul"] = errors
-    row["ok"] = not (row["pack_cuda"] or row["pack_cpu"] or row["load_state_dict"] or row["runtime_load"]) and all(
-        e["finite"] and e["gemlite_rel"] <= REL_TOLERANCE for e in errors.values()
+    from bonsai_cuda.interpreter import ALL_KERNELS, GEMM_KERNELS, check_layer
+
+    row["kernels"] = [check_layer(fresh, weight, 1, kernel) for kernel in ALL_KERNELS]
+    row["kernels"] += [check_layer(fresh, weight, 64, kernel) for kernel in GEMM_KERNELS]
+    kernels_ok = all(r["finite"] and r["max_error"] <= KERNEL_TOLERANCE * r["scale"] for r in row["kernels"])
+    row["ok"] = (
+        not any(row[key] for key in CHECKS)
+        and kernels_ok
+        and all(e["finite"] and e["gemlite_rel"] <= REL_TOLERANCE for e in errors.values())
     )
     return row
 
@@ -139,8 +155,9 @@ def main() -> None:
     torch.manual_seed(args.seed)
     shapes = SHAPES[:3] if args.quick else SHAPES
     rows = []
-    header = f"{'variant':8} {'shape':>13} {'pack cuda':>9} {'pack cpu':>8} {'load':>5} {'runtime':>7} " + " ".join(
-        f"{'rel M=' + str(m):>11}" for m in BATCHES
+    header = (
+        f"{'variant':8} {'shape':>13} {'pack cuda':>9} {'pack cpu':>8} {'pack 8':>6} {'load':>5} {'runtime':>7} "
+        + " ".join(f"{'rel M=' + str(m):>11}" for m in BATCHES)
     )
     print(header)
     started = time.time()
@@ -151,7 +168,10 @@ def main() -> None:
             flags = ["ok" if not row[key] else "DIFF" for key in CHECKS]
             rels = " ".join(f"{row['matmul'][m]['gemlite_rel']:11.2e}" for m in BATCHES)
             print(f"{variant:8} {str(shape[0]) + 'x' + str(shape[1]):>13} {flags[0]:>9} {flags[1]:>8} "
-                  f"{flags[2]:>5} {flags[3]:>7} {rels}{'' if row['ok'] else '  FAIL'}")  # fmt: skip
+                  f"{flags[2]:>6} {flags[3]:>5} {flags[4]:>7} {rels}{'' if row['ok'] else '  FAIL'}")  # fmt: skip
+            for kernel in row["kernels"]:
+                if not (kernel["finite"] and kernel["max_error"] <= KERNEL_TOLERANCE * kernel["scale"]):
+                    print(f"    kernel {kernel['kernel']} M={kernel['rows']}: max error {kernel['max_error']:.3g}")
             for key in CHECKS:
                 for problem in row[key][:5]:
                     print(f"    {key}: {problem}")

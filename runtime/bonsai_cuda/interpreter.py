@@ -141,6 +141,24 @@ def _patch_interpreter_range() -> None:
     interpreter._patch_lang_core = patched
 
 
+def _prefer_large_tiles() -> None:
+    """Autotune without timing: each config gemlite offers "takes" 1/(BLOCK_M·BLOCK_N·BLOCK_K), so the largest tile
+    that fits wins. Interpreted cost is per program and per loop step, so this is the fastest config here; any
+    config gemlite offers computes the same product (the kernels' correctness does not depend on it)."""
+    from triton.runtime import autotuner
+
+    if getattr(autotuner.Autotuner._bench, "_bonsai", False):
+        return
+
+    def bench(self, *args, config, **meta):
+        kwargs = config.kwargs
+        tile = kwargs.get("BLOCK_SIZE_M", 1) * kwargs.get("BLOCK_SIZE_N", 1) * kwargs.get("BLOCK_SIZE_K", 1)
+        return [1.0 / max(tile, 1)] * 3
+
+    bench._bonsai = True
+    autotuner.Autotuner._bench = bench
+
+
 class _AnyDevice(dict):
     def __missing__(self, _key):
         return self[None]
@@ -168,6 +186,7 @@ def activate():
         torch.cuda.get_device_name = lambda *_a, **_k: STAND_IN_GPU
         triton.runtime.driver.set_active(_Driver(GPUTarget("cuda", 90, 32)))
         _patch_interpreter_range()
+        _prefer_large_tiles()
         started = time.perf_counter()
         try:
             import gemlite
@@ -230,8 +249,9 @@ def default_kernel(batch: int) -> str:
 
 
 def run_kernel(layer: torch.nn.Module, x: torch.Tensor, kernel: str) -> torch.Tensor:
-    """One gemlite kernel on CPU fp16 activations x [M, K] (interpreted); returns fp16 [M, N]."""
-    activate()
+    """One gemlite kernel on fp16 activations x [M, K]: interpreted for CPU tensors, compiled on a GPU."""
+    if x.device.type == "cpu":
+        activate()
     with torch.no_grad():
         return layer.forward_manual(x.to(torch.float16).contiguous(), matmul_type=kernel)
 
@@ -271,13 +291,19 @@ def layer_states(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.
 def check_layer(
     layer: torch.nn.Module, weight: torch.Tensor, rows: int, kernel: str, seed: int = 0
 ) -> dict[str, float | int | str | bool]:
-    """One kernel on seeded fp16 activations [rows, K] against a float64 matmul with the dense weight [N, K]."""
+    """One kernel on seeded fp16 activations [rows, K] against a float64 matmul with the dense weight [N, K].
+
+    Also used on a GPU (scripts/gemlite_gpu_check.py): x is made on the CPU and moved to the layer's device."""
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, weight.shape[1], generator=generator).to(torch.float16)
+    device = layer.W_q.device
     started = time.perf_counter()
-    out = run_kernel(layer, x, kernel).to(torch.float64)
+    out = run_kernel(layer, x.to(device), kernel)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - started
-    reference = x.to(torch.float64) @ weight.to(torch.float64).t()
+    out = out.cpu().to(torch.float64)
+    reference = x.to(torch.float64) @ weight.cpu().to(torch.float64).t()
     finite = bool(torch.isfinite(out).all())
     error = float((out - reference).abs().max()) if finite else float("inf")
     return {
