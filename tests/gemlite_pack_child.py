@@ -11,7 +11,7 @@ from bonsai_cuda import interpreter
 
 from bonsai_convert.codecs import gemlite as codec
 from bonsai_convert.demo import build_demo_pipeline
-from bonsai_convert.lowbit import is_low_bit_key, split_exact
+from bonsai_convert.lowbit import LowBitTensor, is_low_bit_key, split_exact
 
 
 def main(report: str) -> None:
@@ -19,12 +19,23 @@ def main(report: str) -> None:
     from gemlite.core import DType, GemLiteLinearTriton
 
     cases = []
+    rng = np.random.default_rng(3)
     for variant in ("binary", "ternary"):
         transformer = build_demo_pipeline(variant, seed=0).transformer
-        for name, tensor in transformer.state_dict().items():
-            if not is_low_bit_key(name):
-                continue
-            low = split_exact(name, tensor.float().numpy(), variant)
+        layers = [
+            (name, split_exact(name, tensor.float().numpy(), variant))
+            for name, tensor in transformer.state_dict().items()
+            if is_low_bit_key(name)
+        ]
+        # Beside the demo's layers: per-channel (K = 128) and small grouped layers with zero, negative and
+        # subnormal scales (the demo's hidden size is a multiple of 128 above 128).
+        for shape in ((8, 128), (3, 128), (5, 384)):
+            values = np.array((-1, 1) if variant == "binary" else (-1, 0, 1), np.int8)
+            codes = rng.choice(values, size=shape)
+            scales = rng.uniform(-2, 2, (shape[0], shape[1] // 128)).astype(np.float16)
+            scales[0, 0], scales[-1, -1] = 0, np.float16(2.0**-20)
+            layers.append((f"random{shape}", LowBitTensor(f"random{shape}", codes, scales)))
+        for name, low in layers:
             n, k = low.codes.shape
             if variant == "binary":
                 q = torch.from_numpy((low.codes > 0).astype(np.uint8))

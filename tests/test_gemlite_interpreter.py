@@ -26,18 +26,22 @@ pytestmark = pytest.mark.skipif(REASON is not None, reason=f"Gemlite CPU harness
 VARIANTS = ("binary", "ternary")
 # fp16 outputs and fp32 accumulation in another order than the float64 reference: relative to max(1, max |ref|).
 TOLERANCE = 4e-3
+EVERY_KERNEL_MAX = 2_000_000  # weights; larger layers run only the production kernels
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_gemlite_kernels_on_every_bundle_layer(demo_bundle, demo_checkpoint, variant: str, tmp_path: Path) -> None:
     """Every low-bit linear, loaded with load_state_dict (no re-pack): gemlite's production kernel at M = 1
-    (GEMV_REVSPLITK) and M = 64 (GEMM), and every other kernel on the first layer of each shape, against a dense
-    matmul of the source checkpoint's weights."""
+    (GEMV_REVSPLITK) and M = 64 (GEMM), and every other kernel on the first layer of each shape up to
+    EVERY_KERNEL_MAX weights (interpreted time), against a dense matmul of the source checkpoint's weights."""
     bundle = demo_bundle(variant, "cuda")
     source = demo_checkpoint(variant) / "transformer"
     report = tmp_path / "layers.json"
     folder = bundle_folder(bundle, "transformer")
-    interpreter.run_child(["layers", str(folder), "--reference", str(source), "--json", str(report)])
+    interpreter.run_child(
+        ["layers", str(folder), "--reference", str(source), "--every-kernel-max-weights", str(EVERY_KERNEL_MAX),
+         "--json", str(report)]
+    )  # fmt: skip
     results = json.loads(report.read_text())["results"]
     from safetensors import safe_open
 

@@ -321,6 +321,7 @@ def check_layers(
     weights: dict[str, torch.Tensor],
     rows: tuple[int, ...] = (1, 64),
     every_kernel: str = "per-shape",
+    every_kernel_max_weights: int | None = None,
 ) -> list[dict]:
     """Gemlite's kernels on every layer: the production kernel for each M on all layers, and every kernel that
     runs in the interpreter (GEMV kernels at M = 1, GEMM kernels at any M) on the first layer of each shape
@@ -332,6 +333,8 @@ def check_layers(
         weight = weights[name]
         shape = tuple(weight.shape)
         all_kernels = every_kernel == "all" or (every_kernel == "per-shape" and shape not in shapes_seen)
+        if every_kernel_max_weights is not None and weight.numel() > every_kernel_max_weights:
+            all_kernels = False  # only the production kernels on the largest layers (interpreted time)
         shapes_seen.add(shape)
         for m in rows:
             kernels = (GEMV_KERNELS + GEMM_KERNELS if m == 1 else GEMM_KERNELS) if all_kernels else ()
@@ -377,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     layers.add_argument("--reference", help="a diffusers folder with the dense source weights (X.weight)")
     layers.add_argument("--rows", default="1,64")
     layers.add_argument("--every-kernel", choices=("per-shape", "all", "none"), default="per-shape")
+    layers.add_argument("--every-kernel-max-weights", type=int, help="every kernel only on layers this small")
     layers.add_argument("--json", required=True)
     image = sub.add_parser("generate", help="the CUDA runtime with gemlite's kernels (interpreted) on a bundle")
     image.add_argument("bundle")
@@ -394,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         states = layer_states(_load_folder(args.folder))
         weights = _reference_weights(states, args.reference)
         rows = tuple(int(v) for v in args.rows.split(","))
-        results = check_layers(states, weights, rows, args.every_kernel)
+        results = check_layers(states, weights, rows, args.every_kernel, args.every_kernel_max_weights)
         with open(args.json, "w") as handle:
             json.dump({"import_seconds": _state["import_seconds"], "results": results}, handle, indent=1)
         return 0
