@@ -111,6 +111,11 @@ def ensure_sources(workdir: Path, variant: str, scale: float, console: Console) 
     return {"full": full, "transformer": transformer_only}
 
 
+def write_report(args, results: list[dict]) -> None:
+    report = {"cpu_count": os.cpu_count(), "scale": args.scale, "load_average": os.getloadavg(), "results": results}
+    args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", default="binary,ternary")
@@ -159,6 +164,7 @@ def main() -> int:
                         f"×{seconds / cp_seconds:.2f}  RSS {rss / 1e9:.2f} GB"
                     )
                     results.append(record)
+                    write_report(args, results)  # after every sample: an interrupted run keeps what it measured
                 if args.reference_check and code == 0:
                     reference_out = args.workdir / f"reference-{variant}-{case}-{target}"
                     environment = dict(os.environ, BONSAI_CONVERT_REFERENCE="1")
@@ -188,8 +194,7 @@ def main() -> int:
             f"{(r['output_bytes'] or 0) / 1e9:.2f}",
         )
     console.print(table)
-    report = {"cpu_count": os.cpu_count(), "scale": args.scale, "results": results}
-    args.json.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args, results)
     console.print(f"wrote {args.json}")
     return 0 if all(r["exit_code"] == 0 for r in results) else 1
 
