@@ -106,3 +106,13 @@ def test_cuda_runtime_with_gemlite_kernels_reproduces_golden_image(demo_bundle, 
     value = psnr(reference, result["image"])
     print(f"{variant}: {value:.2f} dB, kernels {calls}, {float(result['seconds']):.1f} s")
     assert value >= 40.0
+
+
+def test_verify_kernels_fallback_is_reported_skipped(demo_bundle) -> None:
+    """`verify --kernels fallback` never runs the harness and says so (a skipped step, not a pass)."""
+    from bonsai_convert.verify import Checks, VerifyOptions, check_gemlite_kernels
+
+    checks = Checks()
+    check_gemlite_kernels(demo_bundle("binary", "cuda"), VerifyOptions(kernels="fallback"), checks)
+    assert [(c.name, c.status) for c in checks] == [("gemlite kernels", "skipped")]
+    assert "--kernels fallback" in checks[0].detail
