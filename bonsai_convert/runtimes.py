@@ -36,7 +36,7 @@ def generate(
 ) -> RuntimeOutput:
     """Run the target's reference runtime on a bundle."""
     if target in MLX_TARGETS:
-        from bonsai_mlx import load_pipeline  # first: it loads a fast BLAS before MLX (bonsai_mlx/blas.py)
+        from bonsai_mlx import load_pipeline  # noqa: I001 - first: it loads a fast BLAS before MLX (blas.py)
 
         import mlx.core as mx
 

@@ -187,9 +187,7 @@ class FakeHub:
         self.repos: dict[str, Repo] = {}
         self.requests: list[RequestRecord] = []
         self.unknown_requests: list[str] = []
-        self.lfs_put_attempts: list[
-            str
-        ] = []  # oid of every LFS PUT (whole object or part), dropped ones included
+        self.lfs_put_attempts: list[str] = []  # oid of every LFS PUT (whole object or part), dropped ones included
         self._drops: dict[str, int] = {}
         self._corrupt: set[str] = set()
         self._counter = 0
@@ -298,9 +296,7 @@ class FakeHub:
     def new_commit(self, repo: Repo, parent: str | None, title: str, files: dict[str, StoredFile]) -> Commit:
         with self.lock:
             self._counter += 1
-            seed = json.dumps(
-                [self._counter, parent, title, sorted((p, f.blob_id) for p, f in files.items())]
-            ).encode()
+            seed = json.dumps([self._counter, parent, title, sorted((p, f.blob_id) for p, f in files.items())]).encode()
             commit = Commit(
                 oid=hashlib.sha1(seed, usedforsecurity=False).hexdigest(),
                 parent=parent,
@@ -561,9 +557,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _unknown(self, method: str) -> int:
         line = f"{method} {self._raw_path}" + (f"?{self._raw_query}" if self._raw_query else "")
-        log.error(
-            "fake hub: UNHANDLED REQUEST %s (the client called an endpoint tests/hub_server.py lacks)", line
-        )
+        log.error("fake hub: UNHANDLED REQUEST %s (the client called an endpoint tests/hub_server.py lacks)", line)
         with self.hub.lock:
             self.hub.unknown_requests.append(line)
         self._body()
@@ -583,16 +577,10 @@ class _Handler(BaseHTTPRequestHandler):
             raise _error(400, f"invalid repo name {repo_id!r}")
         with self.hub.lock:
             if repo_id in self.hub.repos:
-                raise _Reply(
-                    409, {"error": "You already created this model repo", "url": f"{self._base()}/{repo_id}"}
-                )
-            repo = Repo(
-                repo_id=repo_id, private=body.get("visibility") == "private" or body.get("private") is True
-            )
+                raise _Reply(409, {"error": "You already created this model repo", "url": f"{self._base()}/{repo_id}"})
+            repo = Repo(repo_id=repo_id, private=body.get("visibility") == "private" or body.get("private") is True)
             content = GITATTRIBUTES.encode()
-            files = {
-                ".gitattributes": StoredFile(size=len(content), blob_id=git_blob_id(content), content=content)
-            }
+            files = {".gitattributes": StoredFile(size=len(content), blob_id=git_blob_id(content), content=content)}
             repo.branches["main"] = self.hub.new_commit(repo, None, "initial commit", files).oid
             self.hub.repos[repo_id] = repo
         return self._send(200, {"url": f"{self._base()}/{repo_id}", "name": repo_id, "id": repo_id})
@@ -662,17 +650,13 @@ class _Handler(BaseHTTPRequestHandler):
             raise _error(400, "content is required")
         match = _FRONT_MATTER_RE.search(content)
         if not match:
-            return self._send(
-                200, {"errors": [], "warnings": [{"message": "empty or missing yaml metadata"}]}
-            )
+            return self._send(200, {"errors": [], "warnings": [{"message": "empty or missing yaml metadata"}]})
         try:
             meta = yaml.safe_load(match.group(2)) or {}
         except yaml.YAMLError as exc:
             return self._send(400, {"errors": [{"message": f"invalid YAML: {exc}"}], "warnings": []})
         errors = _metadata_errors(meta)
-        return self._send(
-            400 if errors else 200, {"errors": [{"message": e} for e in errors], "warnings": []}
-        )
+        return self._send(400 if errors else 200, {"errors": [{"message": e} for e in errors], "warnings": []})
 
     # ------------------------------------------------------------------ upload: preupload, LFS, commit
 
@@ -705,11 +689,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _lfs_batch(self, repo_id: str) -> int:
         self._authorize(required=True)
         body = self._json()
-        if (
-            not isinstance(body, dict)
-            or body.get("operation") != "upload"
-            or not isinstance(body.get("objects"), list)
-        ):
+        if not isinstance(body, dict) or body.get("operation") != "upload" or not isinstance(body.get("objects"), list):
             raise _error(400, "this fake hub answers LFS batch uploads only")
         if body.get("hash_algo", "sha256") != "sha256":
             raise _error(400, "hash_algo must be sha256")
@@ -719,12 +699,7 @@ class _Handler(BaseHTTPRequestHandler):
             repo = self._repo(repo_id)
             for obj in body["objects"]:
                 oid, size = obj.get("oid"), obj.get("size")
-                if (
-                    not isinstance(oid, str)
-                    or not _OID_RE.match(oid)
-                    or not isinstance(size, int)
-                    or size < 0
-                ):
+                if not isinstance(oid, str) or not _OID_RE.match(oid) or not isinstance(size, int) or size < 0:
                     objects.append(
                         {
                             "oid": str(oid),
@@ -743,9 +718,7 @@ class _Handler(BaseHTTPRequestHandler):
                     multipart = True
                     n_parts = math.ceil(size / self.hub.part_size)
                     header = {"chunk_size": str(self.hub.part_size)}
-                    header.update(
-                        {str(i): f"{store}/part/{i}?X-Amz-Signature=fake" for i in range(1, n_parts + 1)}
-                    )
+                    header.update({str(i): f"{store}/part/{i}?X-Amz-Signature=fake" for i in range(1, n_parts + 1)})
                     upload = {"href": f"{store}/complete", "header": header}
                 else:
                     upload = {"href": f"{store}?X-Amz-Signature=fake"}
@@ -948,11 +921,7 @@ class _Handler(BaseHTTPRequestHandler):
         with self.hub.lock:
             commit = self._resolve(self._repo(repo_id), revision)
             folders = {"/".join(p.split("/")[:i]) for p in commit.files for i in range(1, p.count("/") + 1)}
-            found = [
-                self._entry(commit, p, expand)
-                for p in form.get("paths", [])
-                if p in commit.files or p in folders
-            ]
+            found = [self._entry(commit, p, expand) for p in form.get("paths", []) if p in commit.files or p in folders]
         return self._send(200, found)
 
     def _flag(self, name: str) -> bool:
@@ -992,9 +961,7 @@ def _metadata_errors(meta: Any) -> list[str]:
             errors.append(f'"base_model_relation" must be one of {sorted(KNOWN_RELATIONS)}')
         if base is None:
             errors.append('"base_model_relation" needs "base_model"')
-    if "tags" in meta and not (
-        isinstance(meta["tags"], list) and all(isinstance(t, str) for t in meta["tags"])
-    ):
+    if "tags" in meta and not (isinstance(meta["tags"], list) and all(isinstance(t, str) for t in meta["tags"])):
         errors.append('"tags" must be a list of strings')
     if "library_name" in meta and not isinstance(meta["library_name"], str):
         errors.append('"library_name" must be a string')

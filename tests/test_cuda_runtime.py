@@ -53,9 +53,7 @@ def write_cuda_bundle(out: Path, variant: str, reference) -> Path:
         if is_low_bit_key(name):
             low = split_exact(name, values, variant)
             prefix = name[: -len(".weight")]
-            tensors.update(
-                {f"{prefix}.{key}": v for key, v in codec.encode(low.codes, low.scales, variant).items()}
-            )
+            tensors.update({f"{prefix}.{key}": v for key, v in codec.encode(low.codes, low.scales, variant).items()})
             low_bit.append(prefix)
         else:
             tensors[name] = values.astype(np.float16)
@@ -90,9 +88,7 @@ def demo(tmp_path_factory):
         if variant not in made:
             reference = build_demo_pipeline(variant, seed=0)
             reference.set_progress_bar_config(disable=True)
-            bundle = write_cuda_bundle(
-                tmp_path_factory.mktemp(f"cuda-{variant}") / "bundle", variant, reference
-            )
+            bundle = write_cuda_bundle(tmp_path_factory.mktemp(f"cuda-{variant}") / "bundle", variant, reference)
             made[variant] = (bundle, reference)
         return made[variant]
 
@@ -279,9 +275,7 @@ def test_gemlite_layers_on_gpu(demo, variant: str) -> None:  # pragma: no cover 
     from gemlite.core import GemLiteLinearTriton
 
     bundle, _ = demo(variant)
-    fallback = generate(
-        load_pipeline(bundle, device="cpu", dtype=torch.float32), PROMPT, 7, STEPS, SIZE, SIZE
-    )
+    fallback = generate(load_pipeline(bundle, device="cpu", dtype=torch.float32), PROMPT, 7, STEPS, SIZE, SIZE)
     pipe = load_pipeline(bundle, device="cuda", dtype=torch.float16)
     assert pipe.bonsai_settings["backend"] == "gemlite"
     assert any(isinstance(m, GemLiteLinearTriton) for m in pipe.transformer.modules())

@@ -95,9 +95,7 @@ def hub() -> Iterator[FakeHub]:
     )
     with server:
         yield server
-    assert server.unknown_requests == [], (
-        f"client hit endpoints the fake Hub lacks: {server.unknown_requests}"
-    )
+    assert server.unknown_requests == [], f"client hit endpoints the fake Hub lacks: {server.unknown_requests}"
 
 
 def _report(bundle: Path, psnr: float | None = 41.237) -> dict:
@@ -123,8 +121,7 @@ def _write_bundle(root: Path, target: str = "iphone", variant: str = "binary") -
         "transformer/config.json": json.dumps({"num_layers": 1, "quantization": {"bits": 1}}).encode(),
         BIG: b"\x08\x00\x00\x00\x00\x00\x00\x00{}      " + bytes(range(256)) * 280,  # ~70 kB: multipart
         "transformer/model.safetensors.index.json": json.dumps({"weight_map": {}}).encode(),
-        "vae/diffusion_pytorch_model.safetensors": b"\x08\x00\x00\x00\x00\x00\x00\x00{}      "
-        + b"\x01" * 3000,
+        "vae/diffusion_pytorch_model.safetensors": b"\x08\x00\x00\x00\x00\x00\x00\x00{}      " + b"\x01" * 3000,
         "golden/golden.json": json.dumps({"prompt": "a bonsai", "seed": 0}).encode(),
         "golden/reference.png": b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + b"\x00" * 200,
     }
@@ -252,9 +249,7 @@ def test_model_card_defaults_and_unverified(tmp_path: Path) -> None:
     card = build_model_card(manifest, None, REPO_ID)
     assert card.data.base_model == "black-forest-labs/FLUX.2-klein-4B"
     assert "without** a passing `bonsai-convert verify`" in card.text
-    lossy = build_model_card(
-        {**manifest, "exact": False, "quantize": "absmean"}, _report(tmp_path, None), REPO_ID
-    )
+    lossy = build_model_card({**manifest, "exact": False, "quantize": "absmean"}, _report(tmp_path, None), REPO_ID)
     assert "**lossy**" in lossy.text and "`absmean`" in lossy.text and "**not compared**" in lossy.text
     with pytest.raises(InputError, match="target"):
         build_model_card({**manifest, "target": "toaster"}, None, REPO_ID)
@@ -393,9 +388,7 @@ def test_401_names_the_token_and_never_shows_it(
     assert REPO_ID not in hub.repos
 
 
-def test_connection_dropped_once_is_retried(
-    verified: Path, hub: FakeHub, no_backoff_sleep: list[float]
-) -> None:
+def test_connection_dropped_once_is_retried(verified: Path, hub: FakeHub, no_backoff_sleep: list[float]) -> None:
     oid = _sha(verified, "vae/diffusion_pytorch_model.safetensors")
     hub.drop_uploads(oid, times=1)
     result = _publish(verified, hub)
@@ -408,9 +401,7 @@ def test_connection_dropped_once_is_retried(
     assert result.commit_oid == hub.head(REPO_ID).oid
 
 
-def test_interrupted_upload_resumes_on_rerun(
-    verified: Path, hub: FakeHub, no_backoff_sleep: list[float]
-) -> None:
+def test_interrupted_upload_resumes_on_rerun(verified: Path, hub: FakeHub, no_backoff_sleep: list[float]) -> None:
     oid = _sha(verified, BIG)
     hub.drop_uploads(oid, times=1000)  # the connection drops on every try: the run fails
     with pytest.raises(RemoteError) as info:

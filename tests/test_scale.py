@@ -61,8 +61,11 @@ MEASURED_PACK = (
 def pack_measured(source: Path, target: str, out: Path) -> int:
     """Run pack in a subprocess and return its peak RSS in bytes."""
     report = out.with_suffix(".hwm")
-    result = subprocess.run([sys.executable, "-c", MEASURED_PACK, str(report), "pack", str(source), "--target", target,
-                             "-o", str(out)], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-c", MEASURED_PACK, str(report), "pack", str(source), "--target", target, "-o", str(out)],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     return int(report.read_text()) * 1024
 
