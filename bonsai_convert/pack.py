@@ -158,6 +158,18 @@ def _close_component(root: Path, layout: ComponentLayout, writers: dict[str, Saf
         (root / layout.index_path).write_bytes(index)
 
 
+def _fill_component(root: Path, layout: ComponentLayout, writers: dict[str, SafetensorsWriter], fill) -> None:
+    """Run fill(); if it fails, abort every file of the component (no partial file), else close them and write
+    the index."""
+    try:
+        fill()
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
+    _close_component(root, layout, writers)
+
+
 def _write_dense_component(
     root: Path,
     layout: ComponentLayout,
@@ -212,15 +224,12 @@ def _write_dense_component(
                     writers[name].write(name, array)
         tick()
 
-    try:
+    def fill() -> None:
         with ThreadPoolExecutor(PACK_THREADS) as pool:
             for future in [pool.submit(convert, name) for name in sorted(layout.outputs_of)]:
                 future.result()
-    except BaseException:
-        for writer in writers.values():
-            writer.abort()
-        raise
-    _close_component(root, layout, writers)
+
+    _fill_component(root, layout, writers, fill)
 
 
 def stored_reader(tensor) -> tuple[Callable[[int, int], np.ndarray], str] | None:
@@ -266,7 +275,8 @@ def _write_prequantized_text_encoder(
     """An MLX pack's 4-bit text encoder: carried unchanged where the target stores the same tensors (MLX
     targets), else dequantized and encoded by the target (formats/bundle.md says what that costs)."""
     writers = _open_writers(root, layout)
-    try:
+
+    def fill() -> None:
         for name in sorted(layout.outputs_of):
             planned = {p.spec.name: p.spec.dtype for p in layout.outputs_of[name]}
             stored = reader.stored(name)
@@ -277,11 +287,8 @@ def _write_prequantized_text_encoder(
             for key, array in outputs.items():
                 writers[key].write(key, array)
             tick()
-    except BaseException:
-        for writer in writers.values():
-            writer.abort()
-        raise
-    _close_component(root, layout, writers)
+
+    _fill_component(root, layout, writers, fill)
 
 
 def _as_dtype(name: str, stored: np.ndarray, dtype: str) -> np.ndarray:
@@ -350,20 +357,18 @@ def write_transformer(
             writers[name].write(name, array)
         tick()
 
-    try:
+    def fill() -> None:
         # Two worker threads: numpy releases the GIL in the heavy loops. Output bytes do not depend on the
         # order (every tensor has a fixed offset), so the bundle stays byte-identical.
+        nonlocal first_tensor
         if first is not None:  # written (and freed) before the pool starts: never held beside two others
             convert(first)
             first_tensor = None
         with ThreadPoolExecutor(PACK_THREADS) as pool:
             for future in [pool.submit(convert, tensor) for tensor in source.tensors if tensor is not first]:
                 future.result()
-    except BaseException:
-        for writer in writers.values():
-            writer.abort()
-        raise
-    _close_component(root, layout, writers)
+
+    _fill_component(root, layout, writers, fill)
     return variant, bundle, dict(sorted(digests.items()))
 
 
