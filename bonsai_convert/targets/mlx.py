@@ -162,18 +162,22 @@ def quantize_text(name: str, values: np.ndarray, dense_dtype: str) -> tuple[np.n
     zero_min = np.nonzero((low == 0).any(axis=1))[0]
     if zero_min.size:  # the sign of a zero minimum is numpy's choice: take numpy's reduction for those rows
         low[zero_min] = flat[zero_min].reshape(zero_min.size, -1, TEXT_GROUP_SIZE).min(axis=-1)
-    scale = np.maximum((high - low) / np.float32(15), np.float32(1e-7))
-    if dense_dtype == "BF16":
-        scale, bias = _round_to_bf16(scale), _round_to_bf16(low)
-        stored_scale, stored_bias = to_bf16_exact(name, scale), to_bf16_exact(name, bias)
-    else:
-        stored_scale, stored_bias = to_fp16(name, scale), to_fp16(name, low)
-        scale, bias = stored_scale.astype(np.float32), stored_bias.astype(np.float32)
+    scale, bias, stored_scale, stored_bias = _group_scale_bias(name, low, high, dense_dtype)
     if not (np.isfinite(scale).all() and (scale > 0).all() and np.isfinite(bias).all()):
         return quantize_text_reference(name, values, dense_dtype)
     words = np.empty((rows, cols // 8), dtype=np.uint32)
     kernels.affine_codes_4bit(flat, scale, bias, TEXT_GROUP_SIZE, True, words)
     return words, stored_scale, stored_bias
+
+
+def _group_scale_bias(name: str, low: np.ndarray, high: np.ndarray, dense_dtype: str) -> tuple[np.ndarray, ...]:
+    """Per group: scale (max−min)/15 and bias min rounded to the stored dtype, as float32 and as stored."""
+    scale = np.maximum((high - low) / np.float32(15), np.float32(1e-7))
+    if dense_dtype == "BF16":
+        scale, bias = _round_to_bf16(scale), _round_to_bf16(low)
+        return scale, bias, to_bf16_exact(name, scale), to_bf16_exact(name, bias)
+    stored_scale, stored_bias = to_fp16(name, scale), to_fp16(name, low)
+    return stored_scale.astype(np.float32), stored_bias.astype(np.float32), stored_scale, stored_bias
 
 
 def quantize_text_reference(
@@ -185,13 +189,7 @@ def quantize_text_reference(
     if not np.isfinite(grouped).all():
         raise InputError(f"{name}: non-finite value in a text-encoder weight")
     low, high = grouped.min(axis=-1), grouped.max(axis=-1)
-    scale = np.maximum((high - low) / np.float32(15), np.float32(1e-7))
-    if dense_dtype == "BF16":
-        scale, bias = _round_to_bf16(scale), _round_to_bf16(low)
-        stored_scale, stored_bias = to_bf16_exact(name, scale), to_bf16_exact(name, bias)
-    else:
-        stored_scale, stored_bias = to_fp16(name, scale), to_fp16(name, low)
-        scale, bias = stored_scale.astype(np.float32), stored_bias.astype(np.float32)
+    scale, bias, stored_scale, stored_bias = _group_scale_bias(name, low, high, dense_dtype)
     q = np.rint((grouped - bias[..., None]) / scale[..., None])
     q = np.clip(q, 0, 15).astype(np.uint32).reshape(rows, cols // 8, 8)
     words = np.zeros((rows, cols // 8), dtype=np.uint32)
