@@ -341,6 +341,22 @@ class QuantizedTextEncoder:
         return (q * scales[..., None] + biases[..., None]).reshape(rows, groups * self.group_size)
 
 
+def _other_components(root: Path, renamed: dict[str, str]) -> tuple[dict[str, Path], list[Path]]:
+    """The text encoder, tokenizer, VAE and scheduler folders present (under their diffusers names unless
+    `renamed`), with every file in them; the text encoder's and VAE's headers and index are validated now
+    (pack reads their weights later)."""
+    components = {}
+    for name in ("text_encoder", "tokenizer", "vae", "scheduler"):
+        path = root / renamed.get(name, name)
+        if plain_dir(path):
+            components[name] = path
+    for name in ("text_encoder", "vae"):
+        if name in components:
+            component_tensors(components[name])
+    files = [path for folder in components.values() for path in safe_files_under(folder)]
+    return components, files
+
+
 def _open_mlx_pack(root: Path, label: str) -> Source:
     """A released MLX pack (PrismML's `bonsai-image-*-4B-mlx-{1,2}bit` layout) as a source."""
     folder = root / MLX_TRANSFORMER
@@ -353,17 +369,8 @@ def _open_mlx_pack(root: Path, label: str) -> Source:
         _check_index(index_path, weight_map, by_name)
     shapes = _mlx_pack_shapes(by_name, 1 if variant == "binary" else 2)
     _check_klein(str(folder), config, shapes)
-    components = {}
-    for name, path in (("text_encoder", root / MLX_TEXT_ENCODER), ("tokenizer", root / "tokenizer"),
-                       ("vae", root / "vae"), ("scheduler", root / "scheduler")):  # fmt: skip
-        if plain_dir(path):
-            components[name] = path
-    for name in ("text_encoder", "vae"):
-        if name in components:
-            component_tensors(components[name])
-    all_files = list(files) + [folder / "config.json"]
-    for component in components.values():
-        all_files.extend(safe_files_under(component))
+    components, component_files = _other_components(root, {"text_encoder": MLX_TEXT_ENCODER})
+    all_files = list(files) + [folder / "config.json"] + component_files
     return Source(
         label=label,
         kind="mlx",
@@ -432,16 +439,8 @@ def _open_diffusers_folder(root: Path, label: str) -> Source:
         shapes = {key: handle.tensors[key].shape for key, (handle, _) in by_name.items()}
     _check_klein(str(transformer_dir), config, shapes)
     tensors = [SourceTensor(name, shapes[name], *by_name[name]) for name in sorted(shapes)]
-    components = {}
-    for name in ("text_encoder", "tokenizer", "vae", "scheduler"):
-        if plain_dir(root / name):
-            components[name] = root / name
-    for name in ("text_encoder", "vae"):  # their weights are read later by pack: validate the headers and index now
-        if name in components:
-            component_tensors(components[name])
-    all_files = list(files) + [transformer_dir / "config.json"]
-    for folder in components.values():
-        all_files.extend(safe_files_under(folder))
+    components, component_files = _other_components(root, {})
+    all_files = list(files) + [transformer_dir / "config.json"] + component_files
     out_layers = KLEIN_TEXT_ENCODER_OUT_LAYERS
     max_sequence_length = 512
     for settings in (root / "bonsai_demo.json", root / "pipeline.json"):
