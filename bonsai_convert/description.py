@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .files import read_json, safe_files_under
+from .files import read_json, refused_link, safe_files_under
 from .model_shapes import (
     KLEIN_4B_TRANSFORMER,
     KLEIN_TEXT_ENCODER_OUT_LAYERS,
@@ -149,7 +149,7 @@ def describe(source: Source) -> ModelDescription:
     if source.root is not None and source.kind != "bfl":
         for name in ROOT_FILES:
             path = source.root / name
-            if path.is_file() and not path.is_symlink():
+            if path.is_file() and not refused_link(path):  # a Hub cache's blob link is the file itself
                 description.root_files.append(CopiedFile(name, path.stat().st_size, path))
         if (source.root / "model_index.json").is_file():
             description.model_index = read_json(source.root / "model_index.json")

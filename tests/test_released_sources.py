@@ -88,6 +88,7 @@ def test_hub_repo_id_packs_from_the_hub_then_from_its_cache_offline(unpacked, tm
     assert snapshot.name == commit and not (snapshot / "transformer" / "diffusion_pytorch_model.bin").exists()
     assert (snapshot / "transformer" / "diffusion_pytorch_model.safetensors").is_symlink()  # read in place
     manifest = load_manifest(tmp_path / "a")
+    assert (tmp_path / "a" / "LICENSE").read_bytes() == files["LICENSE"]  # read through the cache's blob link
     assert manifest["source"]["repo"] == {"repo_id": REPO_ID, "requested_revision": "main", "commit": commit}
     # The Hub is gone: the same command works from the cache alone.
     offline = run_cli("pack", REPO_ID, "--target", "iphone", "-o", str(tmp_path / "b"), "--no-golden",
