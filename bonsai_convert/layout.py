@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+from . import torch_zip
 from .description import CopiedFile, ModelDescription
 from .lowbit import is_low_bit_key
-from .safetensors_io import TensorSpec, build_header, file_size
+from .safetensors_io import TensorSpec, file_size
 from .summary import FileEntry, numel
 from .targets.base import Planned, Target, dense_output
 from .targets.mlx import MLXTarget
@@ -56,18 +57,19 @@ def json_bytes(value: dict) -> bytes:
 
 @dataclass
 class ShardFile:
-    """One safetensors file of a component."""
+    """One tensor file of a component: safetensors, or torch.save's zip (`torch-zip`, formats/gemlite.md)."""
 
     path: str
     tensors: list[Planned]
     metadata: dict[str, str]
-
-    def header(self) -> bytes:
-        return build_header([p.spec for p in self.tensors], self.metadata)
+    container: str = "safetensors"
 
     @property
     def nbytes(self) -> int:
-        return len(self.header()) + sum(p.spec.nbytes for p in self.tensors)
+        specs = [p.spec for p in self.tensors]
+        if self.container == "torch-zip":
+            return torch_zip.file_size(specs, torch_zip.archive_name(self.path))
+        return file_size(specs, self.metadata)
 
 
 @dataclass
@@ -89,11 +91,7 @@ class ComponentLayout:
 
     def entries(self) -> list[FileEntry]:
         result = [
-            FileEntry(
-                s.path,
-                file_size([p.spec for p in s.tensors], s.metadata),
-                tuple(sorted((p.spec.name, p.spec.nbytes) for p in s.tensors)),
-            )
+            FileEntry(s.path, s.nbytes, tuple(sorted((p.spec.name, p.spec.nbytes) for p in s.tensors)))
             for s in self.shards
         ]
         index = self.index_bytes()
@@ -130,14 +128,14 @@ def component_files(
     shard_bytes: int,
     single_file: str | None,
     indexed: bool = True,
+    container: str = "safetensors",
 ) -> ComponentLayout:
     """One named file (indexed or not), or shards `model-0000i-of-0000N.safetensors` plus an index."""
     if single_file is not None:
         ordered = sorted(planned, key=lambda p: p.spec.name)
         index = f"{folder}/{single_file}.index.json" if indexed else None
-        return ComponentLayout(
-            name, [ShardFile(f"{folder}/{single_file}", ordered, metadata)], index, _outputs_of(planned)
-        )
+        files = [ShardFile(f"{folder}/{single_file}", ordered, metadata, container)]
+        return ComponentLayout(name, files, index, _outputs_of(planned))
     groups = shard(planned, shard_bytes)
     count = len(groups)
     shards = [
@@ -158,7 +156,10 @@ def transformer_layout(
         else:
             planned.append(dense_output(name, shape, dtype, target.dense_dtype))
     metadata = {"format": target.safetensors_format}
-    return component_files("transformer", folder, planned, metadata, shard_bytes, target.transformer_file, False)
+    container = target.transformer_container
+    return component_files(
+        "transformer", folder, planned, metadata, shard_bytes, target.transformer_file, False, container
+    )
 
 
 def kept_text_encoder_tensors(
@@ -354,6 +355,7 @@ def bundle_layout(
     quantization = target.quantization_config(variant, low_bit_names, dense_names)
     if quantization is not None:
         json_files[f"{folders['transformer']}/quantization_config.json"] = quantization
+    json_files.update(target.extra_json_files(folders, variant))
     copies: list[tuple[str, CopiedFile]] = []
     te_config = None
     if model.text_encoder is not None and model.text_encoder_config is not None:

@@ -12,12 +12,13 @@ from .safetensors_io import read_header
 from .schemas import validate
 from .source import Source
 from .summary import FileEntry, numel, summarize  # noqa: F401 - re-exported
+from .torch_zip import TorchZipFile
 
 FORMAT_VERSION = 2
 
 
 def bundle_entries(root: Path) -> list[FileEntry]:
-    """Every file of a written bundle (manifest excluded), with safetensors tensor sizes from validated headers."""
+    """Every file of a written bundle (manifest excluded), with tensor sizes from validated headers."""
     entries = []
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         relative = path.relative_to(root).as_posix()
@@ -27,6 +28,8 @@ def bundle_entries(root: Path) -> list[FileEntry]:
         if path.suffix == ".safetensors":
             infos, _ = read_header(path)
             tensors = tuple(sorted((name, info.nbytes) for name, info in infos.items()))
+        elif path.suffix == ".pt":  # Gemlite's state_dict.pt, read without unpickling
+            tensors = tuple(sorted((name, info.nbytes) for name, info in TorchZipFile(path).tensors.items()))
         entries.append(FileEntry(relative, path.stat().st_size, tensors))
     return entries
 
@@ -63,6 +66,11 @@ def layout_record(target: str, folders: dict[str, str], dense_dtype: str) -> dic
     record = {"folders": folders, "dense_dtype": dense_dtype, "released_loaders": released}
     if target in ("iphone", "ipad", "mac") and not released:
         record["note"] = "fp16 bundle (--dtype float16): the released MLX loaders read bf16 and cannot use it"
+    if target == "cuda":
+        record["note"] = (
+            "transformer in the released Gemlite layout (state_dict.pt, config.json, quantization_config.json, "
+            "gemlite_autotune.json); the text encoder is Gemlite 4-bit safetensors, not the release's HQQ qmodel.pt"
+        )
     return record
 
 

@@ -42,9 +42,10 @@ from .lowbit import (
     to_fp16,
 )
 from .profiles import profile_for
-from .safetensors_io import SafetensorsFile, SafetensorsWriter, bf16_bits_to_float32
+from .safetensors_io import PositionalHashingWriter, SafetensorsFile, SafetensorsWriter, bf16_bits_to_float32
 from .source import QuantizedTextEncoder, Source, component_tensors, open_source
 from .targets.base import Target, encode_dense
+from .torch_zip import TorchZipWriter
 
 ROWS_PER_CHUNK = 2048  # rows of a low-bit weight converted at once (bounds memory for 27648 x 3072 tensors)
 PACK_THREADS = 2
@@ -137,18 +138,19 @@ class VariantResolver:
         return tensor
 
 
-def _open_writers(root: Path, layout: ComponentLayout) -> dict[str, SafetensorsWriter]:
+def _open_writers(root: Path, layout: ComponentLayout) -> dict[str, PositionalHashingWriter]:
     writers = {}
     for shard_file in layout.shards:
         path = root / shard_file.path
         path.parent.mkdir(parents=True, exist_ok=True)
-        writer = SafetensorsWriter(path, [p.spec for p in shard_file.tensors], shard_file.metadata)
+        kind = TorchZipWriter if shard_file.container == "torch-zip" else SafetensorsWriter
+        writer = kind(path, [p.spec for p in shard_file.tensors], shard_file.metadata)
         for planned in shard_file.tensors:
             writers[planned.spec.name] = writer
     return writers
 
 
-def _close_component(root: Path, layout: ComponentLayout, writers: dict[str, SafetensorsWriter]) -> None:
+def _close_component(root: Path, layout: ComponentLayout, writers: dict[str, PositionalHashingWriter]) -> None:
     for writer in {id(w): w for w in writers.values()}.values():
         writer.close()
         if writer.sha256 is not None:  # hashed as it was written: the manifest does not read the file again
@@ -158,7 +160,7 @@ def _close_component(root: Path, layout: ComponentLayout, writers: dict[str, Saf
         (root / layout.index_path).write_bytes(index)
 
 
-def _fill_component(root: Path, layout: ComponentLayout, writers: dict[str, SafetensorsWriter], fill) -> None:
+def _fill_component(root: Path, layout: ComponentLayout, writers: dict[str, PositionalHashingWriter], fill) -> None:
     """Run fill(); if it fails, abort every file of the component (no partial file), else close them and write
     the index."""
     try:
@@ -302,7 +304,7 @@ def _as_dtype(name: str, stored: np.ndarray, dtype: str) -> np.ndarray:
     return result
 
 
-def write_dense_rows(writer: SafetensorsWriter, tensor, float_dtype: str = "F16") -> None:
+def write_dense_rows(writer: PositionalHashingWriter, tensor, float_dtype: str = "F16") -> None:
     """Stream a dense tensor in row chunks (a 18432 x 3072 modulation never sits in memory whole)."""
     stored = stored_reader(tensor)
 

@@ -15,6 +15,7 @@ import os
 import stat
 import struct
 import threading
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -264,15 +265,15 @@ def file_size(specs: Iterable[TensorSpec], metadata: dict[str, str] | None = Non
 PENDING_HASH_BYTES = 16 << 20  # out-of-order writes kept in memory for the running sha256 (beyond: re-read)
 
 
-class SafetensorsWriter:
-    """Writes a safetensors file tensor by tensor (or in row chunks), in any order and from several threads:
-    offsets come from the specs, fixed up front, and every write is a positional `os.pwrite`.
+class PositionalHashingWriter:
+    """Writes a file tensor by tensor (or in row chunks), in any order and from several threads: offsets are fixed
+    up front, and every write is a positional `os.pwrite`. The container (safetensors, torch zip) is the subclass's.
 
     The file's sha256 is computed while writing (`sha256` after `close`): bytes that land right after what is
     hashed so far are hashed from memory at once; writes ahead of that are kept (up to PENDING_HASH_BYTES) until
     the gap before them is filled, and beyond that read back from the page cache when their turn comes."""
 
-    def __init__(self, path: Path, specs: Iterable[TensorSpec], metadata: dict[str, str] | None = None):
+    def __init__(self, path: Path, specs: Iterable[TensorSpec], offsets: dict[str, int], size: int):
         self.path = Path(path)
         self.sha256: str | None = None
         self._hash = hashlib.sha256()
@@ -281,19 +282,23 @@ class SafetensorsWriter:
         self._pending_bytes = 0
         self._hash_lock = threading.Lock()
         self.specs = {spec.name: spec for spec in specs}
-        header = build_header(self.specs.values(), metadata)
-        self._offsets: dict[str, int] = {}
-        offset = len(header)
-        for name in sorted(self.specs):
-            self._offsets[name] = offset
-            offset += self.specs[name].nbytes
-        self._size = offset
+        self._offsets = offsets
+        self._size = size
         self._written: set[str] = set()
         self._rows_done: dict[str, int] = {}
         self._lock = threading.Lock()
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         self._closed = False
-        self._pwrite(header, 0)
+
+    # Hooks of the container: a tensor's bytes landed / a tensor is complete / everything is written.
+    def _wrote(self, name: str, view: memoryview, offset: int) -> None:
+        pass
+
+    def _completed(self, name: str) -> None:
+        pass
+
+    def _finish(self) -> None:
+        pass
 
     def _pwrite(self, data: bytes | memoryview, offset: int) -> None:
         view = memoryview(data).cast("B")
@@ -324,14 +329,24 @@ class SafetensorsWriter:
                     self._hash.update(data)
                 self._hashed += length
 
-    def _hash_from_file(self, offset: int, length: int) -> None:
+    def _blocks_of_file(self, offset: int, length: int):
         end = offset + length
         while offset < end:
             block = os.pread(self._fd, min(1 << 22, end - offset), offset)
             if not block:
-                raise RuntimeError(f"{self.path}: short read while hashing at byte {offset}")
-            self._hash.update(block)
+                raise RuntimeError(f"{self.path}: short read at byte {offset}")
+            yield block
             offset += len(block)
+
+    def _hash_from_file(self, offset: int, length: int) -> None:
+        for block in self._blocks_of_file(offset, length):
+            self._hash.update(block)
+
+    def _crc_of_file(self, offset: int, length: int) -> int:
+        crc = 0
+        for block in self._blocks_of_file(offset, length):
+            crc = zlib.crc32(block, crc)
+        return crc
 
     def _check(self, name: str, data: np.ndarray, full: bool) -> TensorSpec:
         spec = self.specs.get(name)
@@ -353,9 +368,12 @@ class SafetensorsWriter:
         """The whole tensor (bf16 tensors are given as uint16 bit patterns)."""
         data = np.asarray(array, order="C")
         self._check(name, data, full=True)
-        self._pwrite(self._bytes(data), self._offsets[name])
+        view = self._bytes(data)
+        self._pwrite(view, self._offsets[name])
+        self._wrote(name, view, self._offsets[name])
         with self._lock:
             self._written.add(name)
+        self._completed(name)
 
     def write_rows(self, name: str, rows: np.ndarray, start: int) -> None:
         """Rows [start, start+len(rows)) of a tensor (streaming); it counts as written once all rows are in."""
@@ -364,11 +382,17 @@ class SafetensorsWriter:
         if start < 0 or start + data.shape[0] > spec.shape[0]:
             raise RuntimeError(f"{self.path}: rows {start}..{start + data.shape[0]} of {name} are out of range")
         row_bytes = spec.nbytes // spec.shape[0] if spec.shape[0] else 0
-        self._pwrite(self._bytes(data), self._offsets[name] + start * row_bytes)
+        view = self._bytes(data)
+        offset = self._offsets[name] + start * row_bytes
+        self._pwrite(view, offset)
+        self._wrote(name, view, offset)
         with self._lock:
             self._rows_done[name] = self._rows_done.get(name, 0) + data.shape[0]
-            if self._rows_done[name] == spec.shape[0]:
+            complete = self._rows_done[name] == spec.shape[0]
+            if complete:
                 self._written.add(name)
+        if complete:
+            self._completed(name)
 
     @property
     def complete(self) -> bool:
@@ -385,6 +409,7 @@ class SafetensorsWriter:
         if missing:
             self.abort()
             raise RuntimeError(f"{self.path}: {len(missing)} tensors were not written (first: {missing[0]})")
+        self._finish()
         os.ftruncate(self._fd, self._size)
         with self._hash_lock:
             if self._hashed == self._size and not self._pending:
@@ -392,7 +417,7 @@ class SafetensorsWriter:
         os.fsync(self._fd)
         self.abort()
 
-    def __enter__(self) -> SafetensorsWriter:
+    def __enter__(self) -> PositionalHashingWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -400,3 +425,17 @@ class SafetensorsWriter:
             self.close()
         else:
             self.abort()
+
+
+class SafetensorsWriter(PositionalHashingWriter):
+    """A safetensors file: the header (from the specs alone) first, then every tensor in name order."""
+
+    def __init__(self, path: Path, specs: Iterable[TensorSpec], metadata: dict[str, str] | None = None):
+        specs = list(specs)
+        header = build_header(specs, metadata)
+        offsets, offset = {}, len(header)
+        for spec in sorted(specs, key=lambda s: s.name):
+            offsets[spec.name] = offset
+            offset += spec.nbytes
+        super().__init__(path, specs, offsets, offset)
+        self._pwrite(header, 0)

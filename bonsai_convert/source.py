@@ -31,6 +31,9 @@ from .hub_source import download, parse_repo_id
 from .lowbit import GROUP_SIZE, LowBitTensor, check_group_shape, is_low_bit_key
 from .model_shapes import KLEIN_4B_TRANSFORMER, KLEIN_TEXT_ENCODER_OUT_LAYERS, transformer_shapes
 from .safetensors_io import FLOAT_DTYPES, SafetensorsFile, bf16_bits_to_float32
+from .torch_zip import TorchZipFile
+
+TORCH_ZIP_FILE = "state_dict.pt"  # a Gemlite pack's transformer (formats/gemlite.md)
 
 BFL_PREFIX = "model.diffusion_model."
 DEFAULT_BASE_MODEL = "black-forest-labs/FLUX.2-klein-4B"
@@ -154,9 +157,11 @@ def _check_klein(label: str, config: dict, tensors: dict[str, tuple[int, ...]]) 
 
 
 def _open_safetensors(paths: list[Path]) -> dict[str, tuple[SafetensorsFile, str]]:
+    """Every tensor of the files by name; a `state_dict.pt` (Gemlite's released container) is read without
+    unpickling (`torch_zip.TorchZipFile`, same API)."""
     by_name: dict[str, tuple[SafetensorsFile, str]] = {}
     for path in paths:
-        handle = SafetensorsFile(path)
+        handle = TorchZipFile(path) if path.suffix == ".pt" else SafetensorsFile(path)
         for key in handle.tensors:
             if key in by_name:
                 raise InputError(f"{path}: tensor {key} also appears in {by_name[key][0].path.name}")
@@ -184,7 +189,7 @@ def _transformer_weight_files(folder: Path) -> tuple[list[Path], dict[str, str] 
             if not path.is_file():
                 raise InputError(f"{path}: shard listed in {index_files[0].name} is missing")
         return paths, weight_map, index_files[0]
-    paths = sorted(folder.glob("*.safetensors"))
+    paths = sorted(folder.glob("*.safetensors")) or sorted(folder.glob(TORCH_ZIP_FILE))
     for path in paths:
         if refused_link(path):
             raise InputError(f"{path}: is a symbolic link (refused: it may point outside the source)")

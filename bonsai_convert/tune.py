@@ -1,5 +1,6 @@
-"""`tune` (GPU only): run a CUDA bundle once so Gemlite autotunes every low-bit shape, store the autotune cache in
-the bundle keyed by GPU name, and measure time to first image cold (fresh process, no cache) vs warm."""
+"""`tune` (GPU only): run a CUDA bundle once so Gemlite autotunes every low-bit shape, store the autotune cache as
+the transformer's `gemlite_autotune.json` (the released layout's file, `{}` until tuned; the GPU it was tuned on is
+recorded in the manifest), and measure time to first image cold (fresh process, no cache) vs warm."""
 
 from __future__ import annotations
 
@@ -36,9 +37,12 @@ def _time_first_image(bundle: Path, width: int, height: int, env: dict[str, str]
     return float(result.stdout.strip().splitlines()[-1])
 
 
-def add_file_to_manifest(bundle: Path, relative: str) -> None:
-    """List a new bundle file in the manifest (size, sha256, sizes recomputed), validated, written via a rename."""
+def add_file_to_manifest(bundle: Path, relative: str, autotuned_on: str | None = None) -> None:
+    """List a new or changed bundle file in the manifest (size, sha256, sizes recomputed), validated, written via a
+    rename; autotuned_on: the GPU the autotune cache was made on (`layout.autotuned_on`)."""
     manifest = load_manifest(bundle)
+    if autotuned_on is not None:
+        manifest["layout"]["autotuned_on"] = autotuned_on
     entries = [e for e in manifest["files"] if e["path"] != relative]
     path = bundle / relative
     entries.append({"path": relative, "bytes": path.stat().st_size, "sha256": sha256_file(path)})
@@ -69,12 +73,13 @@ def tune_bundle(bundle: Path) -> dict:
 
     width, height = manifest["profile"]["default_width"], manifest["profile"]["default_height"]
     gpu = torch.cuda.get_device_name()
-    target = autotune_cache_path(bundle, gpu)
+    target = autotune_cache_path(bundle / manifest["layout"]["folders"]["transformer"])
     env = dict(os.environ)
     with tempfile.TemporaryDirectory() as scratch:
-        # Cold: a fresh process while the bundle holds no cache for this GPU yet.
-        if target.exists():
-            raise UsageError(f"{target}: already tuned for {gpu} (delete it to tune again)")
+        # Cold: a fresh process while the bundle's cache is still empty.
+        if target.exists() and json.loads(target.read_text() or "{}"):
+            tuned_on = manifest["layout"].get("autotuned_on", "another GPU")
+            raise UsageError(f"{target}: already tuned on {tuned_on} (write {{}} into it to tune again)")
         cold = _time_first_image(bundle, width, height, env)
         code = (
             "import sys, gemlite; from bonsai_cuda import load_pipeline, generate;"
@@ -85,9 +90,8 @@ def tune_bundle(bundle: Path) -> dict:
         cache = Path(scratch) / "autotune.json"
         subprocess.run([sys.executable, "-c", code, str(bundle), str(width), str(height), str(cache)], check=True)
         json.loads(cache.read_text())  # gemlite wrote valid JSON
-        target.parent.mkdir(exist_ok=True)
         target.write_bytes(cache.read_bytes())
-    add_file_to_manifest(bundle, target.relative_to(bundle).as_posix())
+    add_file_to_manifest(bundle, target.relative_to(bundle).as_posix(), autotuned_on=gpu)
     warm = _time_first_image(bundle, width, height, env)
     del gemlite
     return {

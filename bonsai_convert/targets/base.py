@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,6 +14,12 @@ from ..safetensors_io import FLOAT_DTYPES, TensorSpec
 # Manifest parts of the transformer: low-bit codes, their scales, MLX biases / Gemlite zeros and metadata, and
 # the tensors kept in fp16.
 PARTS = ("low_bit_codes", "scales", "biases", "zeros", "metadata", "fp16_tensors")
+
+
+def block_pattern(name: str) -> str:
+    """A tensor's module path with block indices as `*` (e.g. `transformer_blocks.*.attn.norm_q`)."""
+    module = name.rsplit(".", 1)[0]
+    return re.sub(r"^(transformer_blocks|single_transformer_blocks)\.\d+\.", r"\1.*.", module)
 
 
 @dataclass(frozen=True)
@@ -46,6 +53,7 @@ class Target:
     truncates_text_encoder: bool = False  # layers after the last used hidden state dropped (own runtime only)
     dense_dtype: str = "F16"  # dtype of every dense float tensor (and of scales/biases where the format allows)
     transformer_file: str | None = None  # one unsharded transformer file of this name, else sharded + index
+    transformer_container: str = "safetensors"  # or "torch-zip" (torch.save's zip, formats/gemlite.md)
     text_encoder_file: str | None = None  # one text-encoder file of this name (+ its index), else sharded
     tokenizer_in_text_encoder: bool = False  # tokenizer files also inside the text-encoder folder (mlx-lm)
     carries_quantized_text_encoder: bool = False  # an MLX pack's 4-bit text encoder is stored unchanged
@@ -57,6 +65,10 @@ class Target:
     def quantization_config(self, variant: str, low_bit_names: list[str], dense_names: list[str]) -> dict | None:
         """The transformer's quantization_config.json, for targets whose loaders read one."""
         return None
+
+    def extra_json_files(self, folders: dict[str, str], variant: str) -> dict[str, dict]:
+        """Further JSON files the target's released loaders require (bundle path → content)."""
+        return {}
 
     def low_bit_outputs(self, name: str, shape: tuple[int, int], variant: str) -> list[Planned]:
         raise NotImplementedError

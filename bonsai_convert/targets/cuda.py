@@ -9,7 +9,7 @@ import numpy as np
 from ..codecs import gemlite as codec
 from ..lowbit import LowBitTensor, to_fp16
 from ..safetensors_io import TensorSpec
-from .base import Planned, Target, dense_output
+from .base import Planned, Target, block_pattern, dense_output
 
 TEXT_GROUP_SIZE = 64
 TEXT_BITS = 4
@@ -72,10 +72,43 @@ def quantize_affine_4bit_reference(values: np.ndarray, group_size: int = TEXT_GR
     return q.reshape(rows, cols).astype(np.uint8), scales, zeros
 
 
+AUTOTUNE_FILE = "gemlite_autotune.json"
+
+
 class CudaTarget(Target):
+    """PrismML's released CUDA layout for the transformer: `transformer-gemlite-int{1,2}/` holding `state_dict.pt`
+    (torch.save's zip of plain tensors), `config.json`, `quantization_config.json` and `gemlite_autotune.json`."""
+
     name = "cuda"
     quantizes_text_encoder = True
     truncates_text_encoder = False  # the runtime is diffusers/transformers: every layer is kept
+    transformer_file = "state_dict.pt"
+    transformer_container = "torch-zip"
+
+    def folders(self, variant: str) -> dict[str, str]:
+        result = super().folders(variant)
+        result["transformer"] = f"transformer-gemlite-int{codec.VARIANT_BITS[variant]}"
+        return result
+
+    def quantization_config(self, variant: str, low_bit_names: list[str], dense_names: list[str]) -> dict:
+        """What image-studio's loader reads: format, bits, group size, packing bitwidth, solver, skip patterns and
+        the quantized modules (`quantized_fqns`); the dtypes we store are stated too."""
+        bits = codec.VARIANT_BITS[variant]
+        return {
+            "format": f"gemlite-int{bits}-{variant}-g{codec.GROUP_SIZE}",
+            "bits": bits,
+            "group_size": codec.GROUP_SIZE,
+            "packing_bitwidth": codec.PACKING_BITWIDTH,
+            "solver": variant,
+            "scales_dtype": "float16",
+            "dtype": "bfloat16" if self.dense_dtype == "BF16" else "float16",
+            "skip_patterns": sorted({block_pattern(name) for name in dense_names}),
+            "quantized_fqns": sorted(name[: -len(".weight")] for name in low_bit_names),
+        }
+
+    def extra_json_files(self, folders: dict[str, str], variant: str) -> dict[str, dict]:
+        """gemlite_autotune.json: empty (Gemlite tunes on first use) until `bonsai-convert tune` fills it."""
+        return {f"{folders['transformer']}/{AUTOTUNE_FILE}": {}}
 
     def low_bit_outputs(self, name: str, shape: tuple[int, int], variant: str) -> list[Planned]:
         prefix = name[: -len(".weight")]
@@ -88,17 +121,6 @@ class CudaTarget(Target):
         prefix = tensor.name[: -len(".weight")]
         state = codec.encode(tensor.codes, tensor.scales, variant)
         return {f"{prefix}.{key}": value for key, value in state.items()}
-
-    def transformer_config(self, config: dict, variant: str, low_bit_names: list[str]) -> dict:
-        result = dict(config)
-        result["quantization"] = {
-            "format": "gemlite",
-            "W_nbits": codec.VARIANT_BITS[variant],
-            "group_size": codec.GROUP_SIZE,
-            "packing_bitwidth": codec.PACKING_BITWIDTH,
-            "variant": variant,
-        }
-        return result
 
     def text_encoder_outputs(self, name: str, shape: tuple[int, ...], dtype: str) -> list[Planned]:
         if not _TEXT_LINEAR.match(name) or len(shape) != 2 or shape[1] % TEXT_GROUP_SIZE or shape[1] % 32:

@@ -15,7 +15,7 @@ from ..codecs import mlx as codec
 from ..errors import InputError
 from ..lowbit import GROUP_SIZE, LowBitTensor, to_fp16
 from ..safetensors_io import TensorSpec
-from .base import Planned, Target, dense_output, to_bf16_exact, widen
+from .base import Planned, Target, block_pattern, dense_output, to_bf16_exact, widen
 
 TEXT_GROUP_SIZE = 64
 TEXT_BITS = 4
@@ -30,12 +30,6 @@ FOLDERS = {
     "tokenizer": "tokenizer",
     "scheduler": "scheduler",
 }
-
-
-def block_pattern(name: str) -> str:
-    """A tensor's module path with block indices as `*` (e.g. `transformer_blocks.*.attn.norm_q`)."""
-    module = name.rsplit(".", 1)[0]
-    return re.sub(r"^(transformer_blocks|single_transformer_blocks)\.\d+\.", r"\1.*.", module)
 
 
 class MLXTarget(Target):

@@ -1,8 +1,9 @@
 """Load a CUDA (Gemlite) bundle into diffusers' Flux2KleinPipeline and generate from the shared numpy noise.
 
-Bundle layout: formats/bundle.md; low-bit linears: formats/gemlite.md. Everything is read from safetensors
-(never pickles). The converter package is not imported here: a runtime needs only torch, diffusers,
-transformers, safetensors and, on a GPU, gemlite.
+Bundle layout: formats/bundle.md; low-bit linears: formats/gemlite.md. Everything is read from safetensors or, for
+the transformer, Gemlite's released `state_dict.pt`, read without unpickling (bonsai_common.torch_zip). The
+converter package is not imported here: a runtime needs only torch, diffusers, transformers, safetensors and, on a
+GPU, gemlite.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from torch import nn
 from .layers import STATE_KEYS, LayoutError, build_linear, gemlite_available
 
 INDEX_NAME = "model.safetensors.index.json"
+STATE_DICT = "state_dict.pt"  # the released Gemlite container (transformer-gemlite-int{1,2}/)
+AUTOTUNE_FILE = "gemlite_autotune.json"
+DEFAULT_FOLDERS = {name: name for name in ("transformer", "text_encoder", "vae", "tokenizer", "scheduler")}
 
 
 class BundleError(ValueError):
@@ -51,10 +55,27 @@ def shard_paths(folder: Path) -> list[Path]:
     return paths
 
 
+def _state_dict_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A state_dict.pt's tensors (CPU copies), its zip and pickle checked without unpickling."""
+    from bonsai_common.torch_zip import ContainerError, read_container, stored_array
+
+    try:
+        stored = read_container(path)
+    except ContainerError as error:
+        raise BundleError(str(error)) from error
+    tensors = {}
+    for name, entry in stored.items():
+        tensor = torch.from_numpy(np.array(stored_array(path, entry)))
+        tensors[name] = tensor.view(torch.bfloat16) if entry.dtype == "BF16" else tensor
+    return tensors
+
+
 def load_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a component's shards (safetensors.torch.load_file, CPU)."""
+    """All tensors of a component: its safetensors shards (safetensors.torch.load_file, CPU) or its state_dict.pt."""
     from safetensors.torch import load_file
 
+    if (folder / STATE_DICT).is_file() and not (folder / INDEX_NAME).exists():
+        return _state_dict_tensors(folder / STATE_DICT)
     tensors: dict[str, torch.Tensor] = {}
     for path in shard_paths(folder):
         if not path.exists():
@@ -166,56 +187,55 @@ def load_pipeline(
     if backend == "interpreter" and device.type != "cpu":
         raise BundleError("the interpreter backend runs gemlite's kernels on CPU tensors")
 
-    transformer = load_component(Flux2Transformer2DModel, root / "transformer", backend, device, dtype)
-    te_folder = root / "text_encoder"
+    folders = dict(DEFAULT_FOLDERS, **settings.get("folders", {}))
+    transformer_folder = root / folders["transformer"]
+    transformer = load_component(Flux2Transformer2DModel, transformer_folder, backend, device, dtype)
+    te_folder = root / folders["text_encoder"]
     if low_bit_prefixes_in(te_folder):
         text_encoder = load_component(Qwen3ForCausalLM, te_folder, backend, device, dtype)
     else:
         text_encoder = Qwen3ForCausalLM.from_pretrained(te_folder, dtype=dtype, use_safetensors=True).to(device).eval()
-    vae = AutoencoderKLFlux2.from_pretrained(root / "vae", torch_dtype=dtype, use_safetensors=True).to(device).eval()
+    vae_folder = root / folders["vae"]
+    vae = AutoencoderKLFlux2.from_pretrained(vae_folder, torch_dtype=dtype, use_safetensors=True).to(device).eval()
     pipe = Flux2KleinPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler"),
+        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(root / folders["scheduler"]),
         vae=vae,
         text_encoder=text_encoder,
-        tokenizer=AutoTokenizer.from_pretrained(root / "tokenizer"),
+        tokenizer=AutoTokenizer.from_pretrained(root / folders["tokenizer"]),
         transformer=transformer,
         is_distilled=True,
     )
     pipe.set_progress_bar_config(disable=True)
-    tuned = load_autotune_cache(root) if backend == "gemlite" else None
+    tuned = load_autotune_cache(transformer_folder) if backend == "gemlite" else None
     pipe.bonsai_settings = dict(settings, backend=backend, autotune_cache=str(tuned) if tuned else None)
     names = {"gemlite": f"gemlite ({device})", "interpreter": "gemlite kernels (Triton interpreter, cpu)"}
     pipe.bonsai_backend = names.get(backend, f"decoded torch ({device})")
     return pipe
 
 
-AUTOTUNE_DIR = "gemlite"
+def autotune_cache_path(transformer_folder: Path) -> Path:
+    """The transformer's `gemlite_autotune.json` (the released layout): `{}` until `bonsai-convert tune` fills it."""
+    return transformer_folder / AUTOTUNE_FILE
 
 
-def gpu_slug(name: str) -> str:
-    """A file-name-safe key for a GPU name, e.g. 'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
-    return "-".join("".join(c if c.isalnum() else " " for c in name.lower()).split())
-
-
-def autotune_cache_path(root: Path, gpu_name: str) -> Path:
-    """Where `bonsai-convert tune` stores Gemlite's autotune cache for this GPU inside the bundle."""
-    return root / AUTOTUNE_DIR / f"autotune-{gpu_slug(gpu_name)}.json"
-
-
-def load_autotune_cache(root: Path) -> Path | None:
-    """Load the bundle's Gemlite autotune cache when one was stored for this GPU (warm start), else None."""
+def load_autotune_cache(transformer_folder: Path) -> Path | None:
+    """Load the bundle's Gemlite autotune cache when it holds any configs (warm start), else None."""
     import gemlite
 
-    path = autotune_cache_path(root, torch.cuda.get_device_name())
-    if path.is_file() and not path.is_symlink() and gemlite.load_config(str(path), print_error=True):
-        return path
-    return None
+    path = autotune_cache_path(transformer_folder)
+    if not path.is_file() or path.is_symlink() or not json.loads(path.read_text() or "{}"):
+        return None
+    return path if gemlite.load_config(str(path), print_error=True) else None
 
 
 def low_bit_prefixes_in(folder: Path) -> list[str]:
     """Low-bit module names of a component, read from the shard headers only ([] when it has no shards)."""
     from safetensors import safe_open
 
+    if (folder / STATE_DICT).is_file() and not (folder / INDEX_NAME).exists():
+        from bonsai_common.torch_zip import read_container
+
+        return sorted(key[: -len(".W_q")] for key in read_container(folder / STATE_DICT) if key.endswith(".W_q"))
     try:
         paths = shard_paths(folder)
     except BundleError:
