@@ -116,3 +116,23 @@ def test_verify_kernels_fallback_is_reported_skipped(demo_bundle) -> None:
     check_gemlite_kernels(demo_bundle("binary", "cuda"), VerifyOptions(kernels="fallback"), checks)
     assert [(c.name, c.status) for c in checks] == [("gemlite kernels", "skipped")]
     assert "--kernels fallback" in checks[0].detail
+
+
+def test_verify_samples_one_layer_per_shape_on_a_full_size_transformer(demo_bundle, monkeypatch) -> None:
+    """Above KERNEL_ALL_LAYERS_MAX_WEIGHTS (Klein 4B: 3.68 G low-bit weights) verify runs the M = 1 production
+    kernel on the first layer of each distinct shape instead of on all layers; the threshold is lowered here."""
+    import bonsai_convert.verify as verify
+
+    monkeypatch.setattr(verify, "KERNEL_ALL_LAYERS_MAX_WEIGHTS", 0)
+    checks = verify.Checks()
+    verify.check_gemlite_kernels(demo_bundle("binary", "cuda"), verify.VerifyOptions(kernels="interpreter"), checks)
+    (check,) = checks
+    folder = bundle_folder(demo_bundle("binary", "cuda"), "transformer")
+    config = json.loads((folder / "quantization_config.json").read_text())
+    from bonsai_convert.torch_zip import TorchZipFile
+
+    state = TorchZipFile(folder / "state_dict.pt")
+    shapes = {tuple(state.raw(f"{fqn}.orig_shape").tolist()) for fqn in config["quantized_fqns"]}
+    assert check.status == "pass", check.detail
+    assert f"{len(shapes)} layers (one per shape" in check.detail and "GEMV_REVSPLITK (M=1)" in check.detail
+    assert len(shapes) < len(config["quantized_fqns"])

@@ -196,3 +196,32 @@ def test_publish_refuses_an_unverified_bundle(demo_bundle, tmp_path):
     )
     assert result.returncode == 3
     assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_state_dict_pt_with_a_hostile_pickle_is_refused_unread(demo_bundle, tmp_path):
+    """cuda: a state_dict.pt whose pickle calls os.system (manifest updated to match) fails verify with one line,
+    before anything could run it: the pickle is walked, never loaded."""
+    import hashlib
+    import zipfile
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(demo_bundle("binary", "cuda"), bundle, symlinks=True)
+    relative = "transformer-gemlite-int1/state_dict.pt"
+    marker = tmp_path / "ran"
+    with zipfile.ZipFile(bundle / relative, "w") as archive:
+        command = f"touch {marker}".encode()
+        archive.writestr(
+            "state_dict/data.pkl", b"\x80\x02cos\nsystem\nX" + struct.pack("<I", len(command)) + command + b"\x85R."
+        )
+        archive.writestr("state_dict/version", b"3\n")
+    data = (bundle / relative).read_bytes()
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    for entry in manifest["files"]:
+        if entry["path"] == relative:
+            entry["bytes"], entry["sha256"] = len(data), hashlib.sha256(data).hexdigest()
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    result = run_verify(bundle, "--no-generate")
+    assert result.returncode == 5
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pickle global os.system is not allowed" in lines[0], result.stderr
+    assert relative in lines[0] and not marker.exists()

@@ -316,21 +316,30 @@ def check_layer(
     }
 
 
+def one_layer_per_shape(states: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
+    """The first layer (name order) of each distinct [N, K]: Klein 4B's 100 low-bit linears have 6 shapes."""
+    chosen: dict[tuple[int, ...], str] = {}
+    for name, state in sorted(states.items()):
+        chosen.setdefault(tuple(state["orig_shape"].tolist()), name)
+    return {name: states[name] for name in sorted(chosen.values())}
+
+
 def check_layers(
     states: dict[str, dict[str, torch.Tensor]],
-    weights: dict[str, torch.Tensor],
+    weights,
     rows: tuple[int, ...] = (1, 64),
     every_kernel: str = "per-shape",
     every_kernel_max_weights: int | None = None,
 ) -> list[dict]:
-    """Gemlite's kernels on every layer: the production kernel for each M on all layers, and every kernel that
-    runs in the interpreter (GEMV kernels at M = 1, GEMM kernels at any M) on the first layer of each shape
-    (every_kernel 'per-shape'), on all layers ('all') or none ('none')."""
+    """Gemlite's kernels on every layer given: the production kernel for each M on all layers, and every kernel
+    that runs in the interpreter (GEMV kernels at M = 1, GEMM kernels at any M) on the first layer of each shape
+    (every_kernel 'per-shape'), on all layers ('all') or none ('none'). weights: {name: dense [N, K]} or a
+    function of the name (decoded one layer at a time: a Klein-4B transformer dense is 14.7 GB in fp32)."""
     results = []
     shapes_seen = set()
     for name, state in states.items():
         layer = gemlite_layer(state)
-        weight = weights[name]
+        weight = weights(name) if callable(weights) else weights[name]
         shape = tuple(weight.shape)
         all_kernels = every_kernel == "all" or (every_kernel == "per-shape" and shape not in shapes_seen)
         if every_kernel_max_weights is not None and weight.numel() > every_kernel_max_weights:
@@ -352,12 +361,13 @@ def _load_folder(folder) -> dict[str, torch.Tensor]:
     return load_tensors(Path(folder))
 
 
-def _reference_weights(states, reference_dir) -> dict[str, torch.Tensor]:
-    """Dense weights: `X.weight` from a diffusers folder of the source, else the bundle's own decode."""
+def _reference_weights(states, reference_dir):
+    """Dense weights: `X.weight` from a diffusers folder of the source, else the bundle's own decode (a function
+    of the layer name: decoded when that layer is checked)."""
     from .layers import dequantize_state
 
     if reference_dir is None:
-        return {name: dequantize_state(state, name) for name, state in states.items()}
+        return lambda name: dequantize_state(states[name], name)
     from pathlib import Path
 
     from safetensors.torch import load_file
@@ -381,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     layers.add_argument("--rows", default="1,64")
     layers.add_argument("--every-kernel", choices=("per-shape", "all", "none"), default="per-shape")
     layers.add_argument("--every-kernel-max-weights", type=int, help="every kernel only on layers this small")
+    layers.add_argument("--layers", choices=("all", "one-per-shape"), default="all")
     layers.add_argument("--json", required=True)
     image = sub.add_parser("generate", help="the CUDA runtime with gemlite's kernels (interpreted) on a bundle")
     image.add_argument("bundle")
@@ -396,6 +407,8 @@ def main(argv: list[str] | None = None) -> int:
     activate()
     if args.command == "layers":
         states = layer_states(_load_folder(args.folder))
+        if args.layers == "one-per-shape":
+            states = one_layer_per_shape(states)
         weights = _reference_weights(states, args.reference)
         rows = tuple(int(v) for v in args.rows.split(","))
         results = check_layers(states, weights, rows, args.every_kernel, args.every_kernel_max_weights)
