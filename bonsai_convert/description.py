@@ -18,7 +18,7 @@ from .model_shapes import (
     transformer_shapes,
     vae_shapes,
 )
-from .source import QuantizedTextEncoder, Source, component_tensors
+from .source import Source, component_tensors, quantized_text_encoder
 
 Shapes = dict[str, tuple[tuple[int, ...], str]]
 # Files that travel from a source's root into the bundle unchanged (licence terms of the weights).
@@ -137,7 +137,7 @@ def describe(source: Source) -> ModelDescription:
         folder = source.components["text_encoder"]
         description.text_encoder_config = read_json(folder / "config.json")
         if source.text_encoder_prequantized:  # planned from the dequantized shapes, as any text encoder
-            description.text_encoder = QuantizedTextEncoder(folder).logical_shapes()
+            description.text_encoder = quantized_text_encoder(folder).logical_shapes()
         else:
             description.text_encoder = component_tensors(folder)[0]
     if "vae" in source.components:

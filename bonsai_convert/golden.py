@@ -36,8 +36,9 @@ def use_shipped_text_encoder(pipeline, target) -> None:
 
 
 def carried_unchanged(source: Source, target) -> bool:
-    """Whether the bundle ships the source's own 4-bit text encoder tensors (MLX pack → MLX target)."""
-    return source.text_encoder_prequantized and target.carries_quantized_text_encoder
+    """Whether the bundle ships the source's own 4-bit text encoder tensors (MLX pack → MLX target, cuda bundle →
+    cuda target)."""
+    return source.text_encoder_prequantized and target.carries_quantized_text_encoder == source.text_encoder_format
 
 
 def write_golden(root: Path, source: Source, target, golden: GoldenPlan, prompt: str, seed: int) -> str:

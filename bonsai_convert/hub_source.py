@@ -14,7 +14,8 @@ from pathlib import Path
 from .errors import InputError, RemoteError
 
 REPO_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+)(?:@(?P<revision>[A-Za-z0-9_./-]+))?$")
-# What any source kind reads: diffusers folders, the released MLX layout, a packed bundle's own files, licences.
+# What any source kind reads: diffusers folders, the released MLX and Gemlite layouts, a packed bundle's own files,
+# licences. The only `.pt` fetched is a Gemlite pack's transformer state_dict.pt (read without unpickling).
 NEEDED_FILES = [
     "model_index.json",
     "manifest.json",
@@ -24,13 +25,17 @@ NEEDED_FILES = [
     "NOTICE*",
     "transformer/*",
     "transformer-packed-mflux/*",
+    "transformer-gemlite-int1/*",
+    "transformer-gemlite-int2/*",
     "text_encoder/*",
     "text_encoder-mlx-4bit/*",
     "tokenizer/*",
     "vae/*",
     "scheduler/*",
 ]
-NEVER_FILES = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle", "*.msgpack", "*.h5", "*.onnx", "*.gguf"]
+NEVER_FILES = ["*.bin", "*.pth", "*.ckpt", "*.pkl", "*.pickle", "*.msgpack", "*.h5", "*.onnx", "*.gguf"]
+NEVER_FILES += [f"{folder[:-2]}/*.pt" for folder in NEEDED_FILES if folder.endswith("/*") and "gemlite" not in folder]
+NEVER_FILES += ["transformer-gemlite-int*/[!s]*.pt", "transformer-gemlite-int*/s[!t]*.pt"]  # only state_dict.pt
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,14 @@ from .lowbit import (
 )
 from .profiles import profile_for
 from .safetensors_io import PositionalHashingWriter, SafetensorsFile, SafetensorsWriter, bf16_bits_to_float32
-from .source import QuantizedTextEncoder, Source, component_tensors, open_source
+from .source import (
+    GemliteTextEncoder,
+    QuantizedTextEncoder,
+    Source,
+    component_tensors,
+    open_source,
+    quantized_text_encoder,
+)
 from .targets.base import Target, encode_dense
 from .torch_zip import TorchZipWriter
 
@@ -272,7 +279,11 @@ def encode_dense_stored(
 
 
 def _write_prequantized_text_encoder(
-    root: Path, layout: ComponentLayout, reader: QuantizedTextEncoder, target: Target, tick: Callable
+    root: Path,
+    layout: ComponentLayout,
+    reader: QuantizedTextEncoder | GemliteTextEncoder,
+    target: Target,
+    tick: Callable,
 ) -> None:
     """An MLX pack's 4-bit text encoder: carried unchanged where the target stores the same tensors (MLX
     targets), else dequantized and encoded by the target (formats/bundle.md says what that costs)."""
@@ -282,7 +293,11 @@ def _write_prequantized_text_encoder(
         for name in sorted(layout.outputs_of):
             planned = {p.spec.name: p.spec.dtype for p in layout.outputs_of[name]}
             stored = reader.stored(name)
-            if target.carries_quantized_text_encoder and len(stored) > 1 and set(stored) == set(planned):
+            if (
+                target.carries_quantized_text_encoder == reader.format
+                and len(stored) > 1
+                and set(stored) == set(planned)
+            ):
                 outputs = {key: _as_dtype(key, value, planned[key]) for key, value in stored.items()}
             else:
                 outputs = target.encode_text_encoder(name, reader.load(name))
@@ -334,7 +349,7 @@ def write_transformer(
     first = low_bit[0] if low_bit else None
 
     def low_bit_tensor(tensor, reuse_buffers: bool = False) -> LowBitTensor:
-        if source.kind in ("packed", "mlx"):  # codes stored: decoded, never re-split
+        if source.kind in ("packed", "mlx", "gemlite"):  # codes stored: decoded, never re-split
             decoded = source.read_low_bit(tensor)
             assert isinstance(decoded, LowBitTensor)
             return decoded
@@ -547,7 +562,7 @@ def _pack_source(source: Source, source_spec: str, out: Path, options: PackOptio
     with atomic_folder(out, options.force) as root:
         variant, bundle, digests = write_transformer(root, source, target, resolver, lay_out, tick)
         if "text_encoder" in bundle.components and source.text_encoder_prequantized:
-            reader = QuantizedTextEncoder(source.components["text_encoder"])
+            reader = quantized_text_encoder(source.components["text_encoder"])
             _write_prequantized_text_encoder(root, bundle.components["text_encoder"], reader, target, tick)
         elif "text_encoder" in bundle.components:
             _, te_files = component_tensors(source.components["text_encoder"])

@@ -186,9 +186,9 @@ def layerwise_text_encoder(folder, config, dtype, shipped=None, prequantized: bo
 
         import torch
 
-        from .source import QuantizedTextEncoder
+        from .source import quantized_text_encoder
 
-        reader = QuantizedTextEncoder(PathType(folder))
+        reader = quantized_text_encoder(PathType(folder))
 
         def read(name: str):
             return _shipped_tensor(name, torch.from_numpy(reader.load(name)), dtype, shipped)

@@ -80,7 +80,7 @@ class Source:
     """A checkpoint to pack: the transformer's tensors plus the folders of the other components."""
 
     label: str
-    kind: str  # diffusers | transformer-only | bfl | packed
+    kind: str  # diffusers | transformer-only | bfl | packed | mlx | gemlite
     transformer_config: dict
     tensors: list[SourceTensor]
     root: Path | None = None
@@ -92,6 +92,7 @@ class Source:
     max_sequence_length: int = 512
     base_model: str = DEFAULT_BASE_MODEL
     text_encoder_prequantized: bool = False  # a released MLX pack's text encoder is already 4-bit
+    text_encoder_format: str | None = None  # then its format: "mlx" (mlx-lm 4-bit) or "gemlite" (our cuda bundles)
     repo: dict | None = None  # a Hub source: repo id, requested revision, pinned commit
 
     @property
@@ -110,6 +111,8 @@ class Source:
         """A packed or MLX-pack source gives codes directly; other sources give the weight values to split."""
         if self.kind == "mlx":
             return _read_mlx_low_bit(tensor, str(self.packed_variant))
+        if self.kind == "gemlite":
+            return _read_gemlite_low_bit(tensor, str(self.packed_variant))
         if self.kind != "packed":
             return tensor.load()
         scales_key = tensor.name[: -len(".weight")] + ".scales"
@@ -243,14 +246,14 @@ def _read_mlx_low_bit(tensor: SourceTensor, variant: str) -> LowBitTensor:
     return LowBitTensor(tensor.name, codes, scales)
 
 
-def mlx_pack_variant(folder: Path, config: dict) -> str:
-    """binary/ternary of a released MLX pack from quantization_config.json (else the config's blocks)."""
+def mlx_pack_variant(folder: Path, config: dict, what: str = "MLX") -> str:
+    """binary/ternary of a released MLX (or Gemlite) pack from quantization_config.json (else the config's blocks)."""
     path = folder / "quantization_config.json"
     quantization = read_json(path) if path.exists() or path.is_symlink() else None
     quantization = quantization or config.get("quantization_config") or config.get("quantization") or {}
     bits, group = quantization.get("bits"), quantization.get("group_size")
     if bits not in (1, 2) or group != GROUP_SIZE:
-        raise InputError(f"{path}: bits {bits!r}, group_size {group!r}: not a Bonsai MLX pack (bits 1|2, group 128)")
+        raise InputError(f"{path}: bits {bits!r}, group_size {group!r}: not a Bonsai {what} pack (bits 1|2, group 128)")
     variant = "binary" if bits == 1 else "ternary"
     solver = quantization.get("solver")
     if solver is not None and solver != variant:
@@ -290,6 +293,8 @@ def _mlx_pack_shapes(by_name: dict[str, tuple[SafetensorsFile, str]], bits: int)
 
 class QuantizedTextEncoder:
     """A released MLX pack's mlx-lm 4-bit text encoder: its logical tensors (dequantized on read) and stored ones."""
+
+    format = "mlx"
 
     def __init__(self, folder: Path):
         self.folder = folder
@@ -346,6 +351,159 @@ class QuantizedTextEncoder:
         return (q * scales[..., None] + biases[..., None]).reshape(rows, groups * self.group_size)
 
 
+GEMLITE_LAYER_KEYS = ("W_q", "scales", "zeros", "metadata", "orig_shape", "meta_scale", "bias")
+
+
+def _gemlite_state(file, prefix: str) -> dict[str, np.ndarray]:
+    return {k: np.asarray(file.raw(f"{prefix}.{k}")) for k in GEMLITE_LAYER_KEYS if f"{prefix}.{k}" in file.tensors}
+
+
+def _gemlite_logical_shapes(files: dict, label: str) -> tuple[dict[str, tuple[int, ...]], set[str]]:
+    """Logical shapes of Gemlite tensors: each module with `X.W_q` is one weight `X.weight` [N, K] (orig_shape);
+    every other tensor as stored. Returns the shapes and the Gemlite module names."""
+    modules = {name[: -len(".W_q")] for name in files if name.endswith(".W_q")}
+    shapes = {}
+    for name, handle in files.items():
+        module, _, key = name.rpartition(".")
+        if module in modules:
+            if key not in GEMLITE_LAYER_KEYS:
+                raise InputError(f"{handle.path}: tensor {name} is not a gemlite layer tensor")
+            if key == "W_q":
+                orig = f"{module}.orig_shape"
+                info = handle.tensors.get(orig)
+                if orig not in files or info is None or info.dtype != "I32" or info.shape != (2,):
+                    raise InputError(f"{handle.path}: tensor {orig}: expected I32 [2] (gemlite's [N, K])")
+                out_features, in_features = (int(v) for v in np.asarray(handle.raw(orig)))
+                shapes[f"{module}.weight"] = (out_features, in_features)
+            continue
+        shapes[name] = handle.tensors[name].shape
+    return shapes, modules
+
+
+class GemliteTextEncoder:
+    """A cuda bundle's Gemlite 4-bit text encoder: its logical tensors (dequantized on read) and stored ones."""
+
+    format = "gemlite"
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.config = read_json(folder / "config.json")
+        self.stored_shapes, self.files = component_tensors(folder)
+        self.shapes, self.modules = _gemlite_logical_shapes(self.files, str(folder))
+
+    def quantized(self, name: str) -> bool:
+        return name.endswith(".weight") and name[: -len(".weight")] in self.modules
+
+    def logical_shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """name → (shape, dtype): a quantized layer's weight [N, K] as F16 (what it dequantizes to)."""
+        return {
+            name: (shape, "F16" if self.quantized(name) else self.stored_shapes[name][1])
+            for name, shape in self.shapes.items()
+        }
+
+    def stored(self, name: str) -> dict[str, np.ndarray]:
+        """The tensors as stored: a quantized layer's gemlite tensors, else the tensor."""
+        if not self.quantized(name):
+            return {name: np.asarray(self.files[name].raw(name))}
+        prefix = name[: -len(".weight")]
+        return {f"{prefix}.{key}": value for key, value in _gemlite_state(self.files[prefix + ".W_q"], prefix).items()}
+
+    def load(self, name: str) -> np.ndarray:
+        """float32 values: the fp16 weight a gemlite layer stands for, else the stored values widened."""
+        if not self.quantized(name):
+            return np.asarray(self.files[name].load(name), dtype=np.float32)
+        from .codecs import gemlite as gemlite_codec
+
+        prefix = name[: -len(".weight")]
+        handle = self.files[prefix + ".W_q"]
+        try:
+            return gemlite_codec.dequantize(_gemlite_state(handle, prefix)).astype(np.float32)
+        except InputError as error:
+            raise InputError(f"{handle.path}: tensor {prefix}.W_q: {error}") from error
+
+
+def quantized_text_encoder(folder: Path) -> QuantizedTextEncoder | GemliteTextEncoder:
+    """The reader of a prequantized text encoder: Gemlite (our cuda bundles' config says so), else mlx-lm 4-bit."""
+    config = read_json(folder / "config.json")
+    if (config.get("bonsai_quantization") or {}).get("format") == "gemlite":
+        return GemliteTextEncoder(folder)
+    return QuantizedTextEncoder(folder)
+
+
+def _read_gemlite_low_bit(tensor: SourceTensor, variant: str) -> LowBitTensor:
+    """A Gemlite pack's layer back to codes + scales, refusing anything not exactly Bonsai (naming it)."""
+    from .codecs import gemlite as gemlite_codec
+
+    prefix = tensor.name[: -len(".weight")]
+    state = _gemlite_state(tensor.file, prefix)
+    label = f"{tensor.file.path}: tensor {prefix}.W_q"
+    if "bias" in state:
+        raise InputError(f"{label}: a bias, but Klein's low-bit linears have none")
+    try:
+        bits = gemlite_codec.read_metadata(state)["W_nbits"]
+        codes, scales = gemlite_codec.decode(state)
+    except InputError as error:
+        raise InputError(f"{label}: {error}") from error
+    if bits != gemlite_codec.VARIANT_BITS[variant]:
+        raise InputError(f"{label}: W_nbits {bits} in a {variant} pack")
+    return LowBitTensor(tensor.name, codes, scales)
+
+
+def gemlite_folder(root: Path) -> Path | None:
+    """The `transformer-gemlite-int{1,2}` folder of a Gemlite pack (PrismML's release, our cuda bundles)."""
+    found = [path for path in sorted(root.glob("transformer-gemlite-int*")) if plain_dir(path)]
+    if len(found) > 1:
+        raise InputError(f"{root}: more than one transformer-gemlite-int* folder")
+    return found[0] if found else None
+
+
+def _open_gemlite_pack(root: Path, label: str, folder: Path) -> Source:
+    """A Gemlite pack (the released `transformer-gemlite-int{1,2}/state_dict.pt` layout) as a source: every layer
+    decoded exactly back to codes + scales, state_dict.pt read without unpickling."""
+    config = read_json(folder / "config.json")
+    _check_config(str(folder / "config.json"), config)
+    variant = mlx_pack_variant(folder, config, "Gemlite")  # the same rule: bits 1|2, group 128, solver
+    if folder.name != f"transformer-gemlite-int{1 if variant == 'binary' else 2}":
+        raise InputError(f"{folder}: the folder name does not match its {variant} quantization_config.json")
+    if plain_dir(root / "text_encoder-hqq-4bit"):
+        raise InputError(
+            f"{root / 'text_encoder-hqq-4bit'}: HQQ text encoders are not read (qmodel.pt pickles HQQ's own "
+            "metadata); pack from the unpacked or MLX release instead"
+        )
+    files, _, _ = _transformer_weight_files(folder)
+    by_name = _open_safetensors(files)
+    handles = {name: handle for name, (handle, _) in by_name.items()}
+    shapes, modules = _gemlite_logical_shapes(handles, str(folder))
+    for module in modules:
+        if not is_low_bit_key(f"{module}.weight"):
+            raise InputError(f"{folder}: gemlite tensors for {module}, which is not one of Klein's low-bit linears")
+    _check_klein(str(folder), config, shapes)
+    components, component_files = _other_components(root, {})
+    prequantized = "text_encoder" in components and isinstance(
+        quantized_text_encoder(components["text_encoder"]), GemliteTextEncoder
+    )
+    tensors = []
+    for name in sorted(shapes):
+        key = name[: -len(".weight")] + ".W_q" if name[: -len(".weight")] in modules else name
+        tensors.append(SourceTensor(name, shapes[name], handles[key], key))
+    extra = [folder / name for name in ("config.json", "quantization_config.json") if (folder / name).is_file()]
+    out_layers, max_sequence_length = recorded_settings(root)
+    return Source(
+        label=label,
+        kind="gemlite",
+        transformer_config=config,
+        tensors=tensors,
+        root=root,
+        components=components,
+        files=sorted(list(files) + extra + component_files),
+        packed_variant=variant,
+        text_encoder_prequantized=prequantized,
+        text_encoder_format="gemlite" if prequantized else None,
+        text_encoder_out_layers=out_layers,
+        max_sequence_length=max_sequence_length,
+    )
+
+
 def _other_components(root: Path, renamed: dict[str, str]) -> tuple[dict[str, Path], list[Path]]:
     """The text encoder, tokenizer, VAE and scheduler folders present (under their diffusers names unless
     `renamed`), with every file in them; the text encoder's and VAE's headers and index are validated now
@@ -376,6 +534,7 @@ def _open_mlx_pack(root: Path, label: str) -> Source:
     _check_klein(str(folder), config, shapes)
     components, component_files = _other_components(root, {"text_encoder": MLX_TEXT_ENCODER})
     all_files = list(files) + [folder / "config.json"] + component_files
+    out_layers, max_sequence_length = recorded_settings(root)
     return Source(
         label=label,
         kind="mlx",
@@ -386,12 +545,41 @@ def _open_mlx_pack(root: Path, label: str) -> Source:
         files=sorted(all_files),
         packed_variant=variant,
         text_encoder_prequantized="text_encoder" in components,
+        text_encoder_format="mlx" if "text_encoder" in components else None,
+        text_encoder_out_layers=out_layers,
+        max_sequence_length=max_sequence_length,
     )
+
+
+def recorded_settings(root: Path) -> tuple[tuple[int, ...], int]:
+    """Text-encoder hidden states and prompt length a source records (our demo's bonsai_demo.json, a bundle's
+    pipeline.json), else Klein's (9, 18, 27) and 512."""
+    out_layers = KLEIN_TEXT_ENCODER_OUT_LAYERS
+    max_sequence_length = 512
+    for settings in (root / "bonsai_demo.json", root / "pipeline.json"):
+        if settings.exists() or settings.is_symlink():
+            recorded = read_json(settings)
+            length = recorded.get("max_sequence_length", max_sequence_length)
+            if not isinstance(length, int) or isinstance(length, bool) or not 1 <= length <= 4096:
+                raise InputError(f"{settings}: max_sequence_length must be an integer in 1..4096")
+            max_sequence_length = length
+            value = recorded.get("text_encoder_out_layers", out_layers)
+            if (
+                not isinstance(value, (list, tuple))
+                or not value
+                or not all(isinstance(i, int) and not isinstance(i, bool) and 0 < i <= 1000 for i in value)
+            ):
+                raise InputError(f"{settings}: text_encoder_out_layers must list positive layer indices")
+            out_layers = tuple(value)
+    return out_layers, max_sequence_length
 
 
 def _open_diffusers_folder(root: Path, label: str) -> Source:
     if plain_dir(root / MLX_TRANSFORMER) and not (root / "transformer").exists():
         return _open_mlx_pack(root, label)
+    gemlite = gemlite_folder(root) if not (root / "transformer").exists() else None
+    if gemlite is not None:
+        return _open_gemlite_pack(root, label, gemlite)
     transformer_dir = root / "transformer"
     if not plain_dir(transformer_dir):
         raise InputError(f"{root}: no transformer/ folder (expected a diffusers-layout FLUX.2 Klein model)")
@@ -446,23 +634,7 @@ def _open_diffusers_folder(root: Path, label: str) -> Source:
     tensors = [SourceTensor(name, shapes[name], *by_name[name]) for name in sorted(shapes)]
     components, component_files = _other_components(root, {})
     all_files = list(files) + [transformer_dir / "config.json"] + component_files
-    out_layers = KLEIN_TEXT_ENCODER_OUT_LAYERS
-    max_sequence_length = 512
-    for settings in (root / "bonsai_demo.json", root / "pipeline.json"):
-        if settings.exists() or settings.is_symlink():
-            recorded = read_json(settings)
-            length = recorded.get("max_sequence_length", max_sequence_length)
-            if not isinstance(length, int) or isinstance(length, bool) or not 1 <= length <= 4096:
-                raise InputError(f"{settings}: max_sequence_length must be an integer in 1..4096")
-            max_sequence_length = length
-            value = recorded.get("text_encoder_out_layers", out_layers)
-            if (
-                not isinstance(value, (list, tuple))
-                or not value
-                or not all(isinstance(i, int) and not isinstance(i, bool) and 0 < i <= 1000 for i in value)
-            ):
-                raise InputError(f"{settings}: text_encoder_out_layers must list positive layer indices")
-            out_layers = tuple(value)
+    out_layers, max_sequence_length = recorded_settings(root)
     kind = "packed" if packed_variant else ("diffusers" if (root / "model_index.json").exists() else "transformer-only")
     return Source(
         label=label,

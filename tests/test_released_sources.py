@@ -232,3 +232,147 @@ def test_plan_predicts_the_bundle_of_a_released_mlx_pack_byte_for_byte(mlx_relea
     predicted = plan(describe_source(str(mlx_release)), target, "ternary", 64, 64)
     assert predicted["components"] == manifest["components"]
     assert predicted["total_bytes"] == manifest["total_bytes"]
+
+
+# --- Gemlite packs (the released CUDA layout) as sources ------------------------------------------------------------
+
+
+def _rewrite_state_dict(folder: Path, edit) -> None:
+    """Rewrite state_dict.pt with edit(tensors) applied (our deterministic writer, dtypes from the arrays)."""
+    from bonsai_convert.safetensors_io import DTYPE_OF_NUMPY, TensorSpec
+    from bonsai_convert.torch_zip import TorchZipFile, TorchZipWriter
+
+    path = folder / "state_dict.pt"
+    handle = TorchZipFile(path)
+    dtypes = {key: handle.tensors[key].dtype for key in handle.keys()}
+    tensors = {key: np.array(handle.raw(key)) for key in handle.keys()}
+    edit(tensors)
+    specs = []
+    for key, value in tensors.items():
+        dtype = "BF16" if dtypes.get(key) == "BF16" else DTYPE_OF_NUMPY[value.dtype.str]
+        specs.append(TensorSpec(key, dtype, tuple(value.shape)))
+    path.unlink()
+    with TorchZipWriter(path, specs) as writer:
+        for key, value in tensors.items():
+            writer.write(key, value)
+
+
+def _as_released(tensors) -> None:
+    """What REFERENCE.md §10 says the release stores: W_q uint8 (8-bit packing), scales and zeros fp32, ternary in
+    fma form (zeros = −scales); metadata to match (meta_dtype FP32, elements_per_sample 8 / bits, mode 4)."""
+    from bonsai_convert.codecs import gemlite as codec
+
+    for name in [key for key in tensors if key.endswith(".W_q")]:
+        prefix = name[: -len(".W_q")]
+        state = {key: tensors[f"{prefix}.{key}"] for key in codec.STATE_KEYS}
+        codes, scales = codec.decode(state)
+        variant = "binary" if int(state["metadata"][1]) == 1 else "ternary"
+        state = codec.encode(codes, scales, variant, packing_bitwidth=8)
+        if variant == "ternary" and int(state["metadata"][10]) == 3:
+            state["zeros"] = -state["scales"]
+            state["metadata"][10] = 4
+        state["metadata"][8] = codec.DTYPE_FP32
+        for key in ("scales", "zeros"):
+            if state[key].dtype == np.float16:
+                state[key] = state[key].astype(np.float32)
+        for key, value in state.items():
+            tensors[f"{prefix}.{key}"] = value
+
+
+@pytest.fixture(scope="module")
+def gemlite_release(demo_bundle, tmp_path_factory):
+    """gemlite_release(variant): a stand-in of `…-gemlite-{1,2}bit`'s transformer folder (no text encoder: the
+    release's is HQQ, which is not read), with the release's tensor forms."""
+    made = {}
+
+    def build(variant: str) -> Path:
+        if variant not in made:
+            root = tmp_path_factory.mktemp(f"gemlite-release-{variant}") / "repo"
+            folder = bundle_folder(demo_bundle(variant, "cuda"), "transformer")
+            shutil.copytree(folder, root / folder.name)
+            _rewrite_state_dict(root / folder.name, _as_released)
+            made[variant] = root
+        return made[variant]
+
+    return build
+
+
+@pytest.mark.parametrize("variant", ["binary", "ternary"])
+def test_our_cuda_bundle_repacks_byte_identically(demo_bundle, tmp_path, variant):
+    """cuda → cuda: every file the same (the 4-bit text encoder carried, golden regenerated to the same bytes);
+    cuda → iphone: the transformer file equals packing the original checkpoint."""
+    source = demo_bundle(variant, "cuda")
+    manifest = pack(str(source), tmp_path / "cuda", PackOptions(target="cuda"))
+    assert manifest["source"]["kind"] == "gemlite" and manifest["variant"] == variant and manifest["exact"]
+    original = {entry["path"]: entry["sha256"] for entry in load_manifest(source)["files"]}
+    assert {entry["path"]: entry["sha256"] for entry in manifest["files"]} == original
+    pack(str(source), tmp_path / "iphone", PackOptions(target="iphone", golden=False))
+    name = "transformer-packed-mflux/diffusion_pytorch_model.safetensors"
+    assert sha256_file(tmp_path / "iphone" / name) == sha256_file(demo_bundle(variant, "iphone") / name)
+
+
+@pytest.mark.parametrize("variant", ["binary", "ternary"])
+def test_released_gemlite_forms_decode_to_the_same_codes(gemlite_release, demo_bundle, tmp_path, variant):
+    """8-bit packing, fp32 scales/zeros and ternary fma zeros decode exactly: a transformer-only repack to MLX
+    gives the bytes of packing the original checkpoint."""
+    manifest = pack(str(gemlite_release(variant)), tmp_path / "out", PackOptions(target="iphone"))
+    assert manifest["source"]["kind"] == "gemlite" and manifest["exact"]
+    name = "transformer-packed-mflux/diffusion_pytorch_model.safetensors"
+    assert sha256_file(tmp_path / "out" / name) == sha256_file(demo_bundle(variant, "iphone") / name)
+    assert manifest["weight_digests"] == load_manifest(demo_bundle(variant, "iphone"))["weight_digests"]
+
+
+GEMLITE_LAYER = "transformer_blocks.0.attn.to_k"
+
+
+def _gemlite_code_three(tensors):
+    tensors[f"{GEMLITE_LAYER}.W_q"][0, 0] |= np.uint8(3)  # the first 2-bit code becomes 3
+
+
+def _gemlite_zeros_off(tensors):
+    tensors[f"{GEMLITE_LAYER}.zeros"][0, 0] *= np.float32(1.5)  # no longer −scales
+
+
+def _gemlite_inexact_scale(tensors):
+    tensors[f"{GEMLITE_LAYER}.scales"][0, 0] = np.float32(0.1)  # not an fp16 value
+    tensors[f"{GEMLITE_LAYER}.zeros"][0, 0] = np.float32(-0.1)
+
+
+def _gemlite_hqq_folder(root: Path) -> None:
+    (root / "text_encoder-hqq-4bit").mkdir()
+    (root / "text_encoder-hqq-4bit" / "qmodel.pt").write_bytes(b"not read")
+
+
+@pytest.mark.parametrize(
+    "edit,reason",
+    [
+        (_gemlite_code_three, "ternary code 3"),
+        (_gemlite_zeros_off, "zeros = −scales"),
+        (_gemlite_inexact_scale, "fp16 cannot hold exactly"),
+        (_gemlite_hqq_folder, "HQQ text encoders are not read"),
+    ],
+)
+def test_a_gemlite_pack_that_is_not_exact_bonsai_is_refused_naming_the_tensor(gemlite_release, tmp_path, edit, reason):
+    broken = tmp_path / "broken"
+    shutil.copytree(gemlite_release("ternary"), broken)
+    if edit is _gemlite_hqq_folder:
+        edit(broken)
+    else:
+        _rewrite_state_dict(broken / "transformer-gemlite-int2", edit)
+    result = subprocess.run([sys.executable, "-m", "bonsai_convert", "pack", str(broken), "--target", "packed",
+                             "-o", str(tmp_path / "out"), "--no-golden"], capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 3, result.stderr
+    assert reason in result.stderr, result.stderr
+    if edit is not _gemlite_hqq_folder:
+        assert f"tensor {GEMLITE_LAYER}.W_q" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_plan_predicts_the_bundle_of_a_cuda_bundle_source_byte_for_byte(demo_bundle, tmp_path):
+    from bonsai_convert.plan import describe_source, plan
+
+    source = str(demo_bundle("binary", "cuda"))
+    manifest = pack(source, tmp_path / "b", PackOptions(target="iphone"))
+    predicted = plan(describe_source(source), "iphone", "binary", 64, 64)
+    assert predicted["components"] == manifest["components"] and predicted["total_bytes"] == manifest["total_bytes"]

@@ -267,8 +267,19 @@ def unpack_words(words: np.ndarray, nbits: int, in_features: int) -> np.ndarray:
     return np.ascontiguousarray(fields.reshape(in_features, words.shape[1]).T).astype(np.uint8)
 
 
+def _as_fp16(state: dict[str, np.ndarray], key: str, array: np.ndarray) -> np.ndarray:
+    """fp32 scales/zeros (meta_dtype FP32, the released packs) as fp16, refused unless exact."""
+    if array.dtype != np.float32:
+        return array
+    narrowed = array.astype(np.float16)
+    if not np.array_equal(narrowed.astype(np.float32), array, equal_nan=False):
+        raise _fail(f"{key} holds fp32 values that fp16 cannot hold exactly (not a Bonsai layer)")
+    return narrowed
+
+
 def _layer(state: dict[str, np.ndarray]) -> tuple[dict[str, int], np.ndarray, np.ndarray, np.ndarray]:
-    """Validated metadata, q [N, K], scales [K/g, N] and zeros of a grouped fp16 gemlite layer."""
+    """Validated metadata, q [N, K], scales [K/g, N] and zeros of a grouped gemlite layer, scales and float zeros
+    as fp16 (fp32 ones, meta_dtype FP32 as PrismML's released packs store them, must be exact in fp16)."""
     meta = read_metadata(state)
     nbits, group_size = meta["W_nbits"], meta["group_size"]
     n, k = meta["out_features"], meta["in_features"]
@@ -281,12 +292,14 @@ def _layer(state: dict[str, np.ndarray]) -> tuple[dict[str, int], np.ndarray, np
         "elements_per_sample": packing_bitwidth // nbits,
         "input_dtype": DTYPE_FP16,
         "output_dtype": DTYPE_FP16,
-        "meta_dtype": DTYPE_FP16,
         "data_contiguous": 1,
     }
     for name, value in expected.items():
         if meta[name] != value:
             raise _fail(f"metadata {name} is {meta[name]}, expected {value}")
+    if meta["meta_dtype"] not in (DTYPE_FP16, DTYPE_FP32):
+        raise _fail(f"metadata meta_dtype is {meta['meta_dtype']}, expected {DTYPE_FP16} (fp16) or {DTYPE_FP32}")
+    meta_type = np.float16 if meta["meta_dtype"] == DTYPE_FP16 else np.float32
     if (meta["channel_scale_mode"], meta["W_group_mode"]) not in ((0, 2), (0, 3), (0, 4), (1, 1)):
         raise _fail(
             f"unsupported channel_scale_mode {meta['channel_scale_mode']} / W_group_mode {meta['W_group_mode']}"
@@ -295,16 +308,18 @@ def _layer(state: dict[str, np.ndarray]) -> tuple[dict[str, int], np.ndarray, np
         raise _fail("channel_scale_mode 1 is used exactly when in_features == group_size")
     word_type = np.uint8 if packing_bitwidth == 8 else np.int32
     words = _checked(state, "W_q", word_type, (k * nbits // packing_bitwidth, n))
-    scales = _checked(state, "scales", np.float16, (k // group_size, n))
+    scales = _as_fp16(state, "scales", _checked(state, "scales", meta_type, (k // group_size, n)))
     if "meta_scale" in state:  # gemlite's state_dict has it; the released loader's layout does not
         _checked(state, "meta_scale", np.float32, ())
     zeros = np.asarray(state.get("zeros", np.zeros(0)))
     if meta["W_group_mode"] != 2 and not (
         (zeros.dtype == np.int32 and zeros.shape == ())
-        or (zeros.dtype == np.float16 and zeros.shape == (k // group_size, n))
+        or (zeros.dtype == meta_type and zeros.shape == (k // group_size, n))
     ):
-        raise _fail(f"zeros is {zeros.dtype} {list(zeros.shape)}, expected an int32 scalar or fp16 like scales")
-    return meta, unpack_words(words, nbits, k), scales, zeros
+        raise _fail(
+            f"zeros is {zeros.dtype} {list(zeros.shape)}, expected an int32 scalar or {meta_type.__name__} like scales"
+        )
+    return meta, unpack_words(words, nbits, k), scales, _as_fp16(state, "zeros", zeros)
 
 
 def dequantize(state: dict[str, np.ndarray]) -> np.ndarray:
@@ -331,8 +346,12 @@ def decode(state: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     if meta["group_size"] != GROUP_SIZE or nbits not in (1, 2):
         raise _fail(f"not a Bonsai layer (W_nbits {nbits}, group_size {meta['group_size']})")
     if nbits == 2:
-        if mode == 2 or zeros.dtype != np.int32 or int(zeros) != 1:
-            raise _fail("ternary layers have the integer zero point 1")
+        # (q − 1)·s: the integer zero point 1 (mode 3, ours) or fma zeros −s (mode 4, the released packs)
+        fma = mode == 4 and zeros.dtype == np.float16
+        if fma and not np.array_equal((-stored_scales).view(np.uint16), zeros.view(np.uint16)):
+            raise _fail("ternary fma layers have zeros = −scales")
+        if not fma and (mode == 2 or zeros.dtype != np.int32 or int(zeros) != 1):
+            raise _fail("ternary layers have the integer zero point 1 (or fma zeros = −scales)")
         if (q == 3).any():
             row, col = (int(i) for i in np.argwhere(q == 3)[0])
             raise _fail(f"ternary code 3 (value +2) at row {row}, column {col}")

@@ -56,7 +56,7 @@ class Target:
     transformer_container: str = "safetensors"  # or "torch-zip" (torch.save's zip, formats/gemlite.md)
     text_encoder_file: str | None = None  # one text-encoder file of this name (+ its index), else sharded
     tokenizer_in_text_encoder: bool = False  # tokenizer files also inside the text-encoder folder (mlx-lm)
-    carries_quantized_text_encoder: bool = False  # an MLX pack's 4-bit text encoder is stored unchanged
+    carries_quantized_text_encoder: str | None = None  # a prequantized text encoder of this format is carried as is
 
     def folders(self, variant: str) -> dict[str, str]:
         """Bundle folder of each component (diffusers names unless the target's released layout says otherwise)."""

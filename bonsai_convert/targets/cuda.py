@@ -83,6 +83,7 @@ class CudaTarget(Target):
     quantizes_text_encoder = True
     truncates_text_encoder = False  # the runtime is diffusers/transformers: every layer is kept
     transformer_file = "state_dict.pt"
+    carries_quantized_text_encoder = "gemlite"  # a cuda bundle's own text encoder, repacked
     transformer_container = "torch-zip"
 
     def folders(self, variant: str) -> dict[str, str]:

@@ -39,7 +39,7 @@ class MLXTarget(Target):
     transformer_file = "diffusion_pytorch_model.safetensors"
     text_encoder_file = "model.safetensors"
     tokenizer_in_text_encoder = True
-    carries_quantized_text_encoder = True
+    carries_quantized_text_encoder = "mlx"
 
     def __init__(self, name: str, dense_dtype: str = "BF16"):
         self.name = name
