@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from bonsai_common.torch_zip import StoredTensor
 
 from .errors import InputError
 
@@ -60,19 +61,8 @@ DTYPE_OF_NUMPY = {np.dtype(v).str: k for k, v in NUMPY_DTYPES.items()}
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    """One header entry: dtype, shape and absolute byte range in the file."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    begin: int
-    end: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.begin
+# One header entry: name, dtype, shape and absolute byte range in the file (the same record as a state_dict.pt's).
+TensorInfo = StoredTensor
 
 
 def strict_json_object_pairs(pairs: list[tuple[str, object]]) -> dict:

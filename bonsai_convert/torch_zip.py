@@ -246,7 +246,7 @@ class TorchZipFile:
             stored = read_container(self.path)
         except ContainerError as error:
             raise InputError(str(error)) from error
-        self.tensors = {name: TensorInfo(name, t.dtype, t.shape, t.begin, t.end) for name, t in stored.items()}
+        self.tensors: dict[str, TensorInfo] = stored
 
     def keys(self) -> list[str]:
         return sorted(self.tensors)
