@@ -79,6 +79,33 @@ def _replace_module(model, name: str, module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
+def exact_codes(tensor) -> LowBitTensor | None:
+    """A dense source's low-bit weight split into codes + scales (row chunks, the compiled split where it can), or
+    None when it is not exactly binary/ternary (then the reference keeps it dense)."""
+    from . import kernels
+    from .errors import InputError
+    from .lowbit import GROUP_SIZE, split_exact, split_exact_stored
+
+    rows, cols = tensor.shape
+    codes = np.empty((rows, cols), dtype=np.int8)
+    scales = np.empty((rows, cols // GROUP_SIZE), dtype=np.float16)
+    stored_dtype = tensor.file.tensors[tensor.key].dtype
+    compiled = kernels.ENABLED and tensor.rows is None and stored_dtype in ("BF16", "F16", "F32")
+    try:
+        for start in range(0, rows, 2048):
+            stop = min(rows, start + 2048)
+            if compiled:
+                part, _ = split_exact_stored(
+                    tensor.name, tensor.file.raw(tensor.key)[start:stop], stored_dtype, "ternary"
+                )
+            else:
+                part = split_exact(tensor.name, tensor.load_rows(start, stop), "ternary")
+            codes[start:stop], scales[start:stop] = part.codes, part.scales
+    except InputError:
+        return None
+    return LowBitTensor(tensor.name, codes, scales)
+
+
 def codes_transformer(source: Source, dtype, device="cpu"):
     """Flux2Transformer2DModel on the source weights with every low-bit linear as a CodesLinear (1 byte per weight
     resident instead of 2–4; the dense weight of one layer at a time)."""
@@ -93,7 +120,11 @@ def codes_transformer(source: Source, dtype, device="cpu"):
         model = Flux2Transformer2DModel(**_config_kwargs(source.transformer_config, Flux2Transformer2DModel))
     state = {}
     for tensor in source.tensors:
-        value = source.read_low_bit(tensor) if tensor.low_bit else tensor.load()
+        value = source.read_low_bit(tensor) if tensor.low_bit else None
+        if tensor.low_bit and not isinstance(value, LowBitTensor):  # a dense source: split here (1 byte a weight)
+            value = exact_codes(tensor)
+        if value is None:
+            value = tensor.load()
         if isinstance(value, LowBitTensor) and value.codes.shape[1] % 128 == 0:
             prefix = tensor.name[: -len(".weight")]
             _replace_module(model, prefix, codes_linear(value.codes, value.scales, dtype, device))
