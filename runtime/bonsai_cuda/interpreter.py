@@ -317,7 +317,7 @@ def check_layer(
 
 
 def one_layer_per_shape(states: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
-    """The first layer (name order) of each distinct [N, K]: Klein 4B's 100 low-bit linears have 6 shapes."""
+    """The first layer (name order) of each distinct [N, K]: Klein 4B's 100 low-bit linears have 5 shapes."""
     chosen: dict[tuple[int, ...], str] = {}
     for name, state in sorted(states.items()):
         chosen.setdefault(tuple(state["orig_shape"].tolist()), name)
