@@ -318,9 +318,10 @@ def test_tiled_decode_is_close_to_untiled(bundle, monkeypatch) -> None:
     tiled = np.array(vae.decode_tiled(z, 16, 4))
     assert tiled.shape == whole.shape
     assert psnr(to_uint8(whole[0]), to_uint8(tiled[0])) > 27
-    # The mid-block attention in query chunks is the same computation.
+    # The mid-block attention in query chunks is the same maths; the BLAS blocks a 100-row product differently
+    # from the whole one, so fp32 sums may differ in the last bits (measured up to 8.9e-6 on values of ~1).
     monkeypatch.setattr(vae_module, "ATTENTION_QUERY_CHUNK", 100)
-    assert np.abs(np.array(vae.decode(z)) - whole).max() < 1e-6
+    assert np.abs(np.array(vae.decode(z)) - whole).max() < 3e-5
 
 
 # ---------------------------------------------------------------------------------------------- pipeline
