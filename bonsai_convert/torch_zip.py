@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from bonsai_common.torch_zip import STORAGE_OF_DTYPE, ContainerError, contiguous_strides, read_container, stored_array
+from bonsai_common.torch_zip import STORAGE_OF_DTYPE, ContainerError, contiguous_strides, read_container
 
 from .errors import InputError
-from .safetensors_io import PositionalHashingWriter, TensorInfo, TensorSpec, bf16_bits_to_float32
+from .safetensors_io import PositionalHashingWriter, SafetensorsFile, TensorInfo, TensorSpec
 
 ALIGNMENT = 64  # torch's `.storage_alignment`: every record's data starts at a multiple of it (mmap-able)
 # Records besides data/<key>, in the order torch 2.13 writes them (`.data/serialization_id` left out: random).
@@ -235,29 +235,14 @@ class TorchZipWriter(PositionalHashingWriter):
         self._pwrite(self.layout.central_directory(self._crc), self.layout.central_offset)
 
 
-class TorchZipFile:
+class TorchZipFile(SafetensorsFile):
     """A validated state_dict.pt (bonsai_common.torch_zip: nothing unpickled) whose tensors are memory-mapped on
-    demand: the same API as SafetensorsFile."""
+    demand: SafetensorsFile's reading over the tensors found in the zip."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self.metadata: dict[str, str] = {}
         try:
-            stored = read_container(self.path)
+            self.tensors: dict[str, TensorInfo] = read_container(self.path)
         except ContainerError as error:
             raise InputError(str(error)) from error
-        self.tensors: dict[str, TensorInfo] = stored
-
-    def keys(self) -> list[str]:
-        return sorted(self.tensors)
-
-    def raw(self, name: str) -> np.ndarray:
-        return stored_array(self.path, self.tensors[name])
-
-    def load_rows(self, name: str, start: int, stop: int) -> np.ndarray:
-        values = self.raw(name)[start:stop]
-        return bf16_bits_to_float32(values) if self.tensors[name].dtype == "BF16" else np.array(values)
-
-    def load(self, name: str) -> np.ndarray:
-        values = self.raw(name)
-        return bf16_bits_to_float32(values) if self.tensors[name].dtype == "BF16" else np.asarray(values)
