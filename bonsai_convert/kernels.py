@@ -30,6 +30,26 @@ def _bf16_to_fp16_table() -> np.ndarray:
 BF16_TO_FP16 = _bf16_to_fp16_table()
 
 
+def widening_table(stored_dtype: str, via_fp16: bool = False) -> np.ndarray:
+    """float32 value of every 16-bit pattern of `stored_dtype` (BF16 or F16): its exact widening, or with
+    via_fp16 a bf16 value first rounded to fp16 as numpy's astype does (overflow → ±inf)."""
+    key = (stored_dtype, via_fp16 and stored_dtype == "BF16")
+    table = _WIDENING.get(key)
+    if table is None:
+        patterns = np.arange(1 << 16, dtype=np.uint32)
+        if stored_dtype == "F16":
+            table = patterns.astype(np.uint16).view(np.float16).astype(np.float32)
+        elif key[1]:
+            table = BF16_TO_FP16.view(np.float16).astype(np.float32)
+        else:
+            table = (patterns << 16).view(np.float32)
+        table = _WIDENING[key] = np.ascontiguousarray(table)
+    return table
+
+
+_WIDENING: dict[tuple[str, bool], np.ndarray] = {}
+
+
 @njit(nogil=True, cache=True)
 def split_groups(src, table, use_table, ternary, codes, scales, decoded):  # pragma: no cover - compiled
     """Exact split of rows of fp16 (or bf16, through `table`) bit patterns.
@@ -163,12 +183,28 @@ def pack_words_transposed(q, nbits, out):  # pragma: no cover - compiled
 
 
 @njit(nogil=True, cache=True)
+def _ordered(b):  # pragma: no cover - compiled
+    """float32 bits → an int32 ordered like the values (−0 just below +0); its own inverse."""
+    return b ^ ((b >> np.int32(31)) & np.int32(0x7FFFFFFF))
+
+
+@njit(nogil=True, cache=True)
+def _code_4bit(v, s, o, subtract):  # pragma: no cover - compiled
+    """clip(rint((v − o) / s), 0, 15) (subtract, MLX) or clip(rint(v / s + o), 0, 15) (Gemlite), in float32."""
+    x = (v - o) / s if subtract else v / s + o
+    # round half to even, as np.rint: exact for |x| < 2**22 (1.5·2**23 added and taken away in float32); larger
+    # |x| only ever clips to 0 or 15 below, as np.rint's result would
+    q = (x + np.float32(12582912.0)) - np.float32(12582912.0)
+    return min(max(q, np.float32(0)), np.float32(15))
+
+
+@njit(nogil=True, cache=True)
 def group_min_max(values, group, low, high):  # pragma: no cover - compiled
     """Per group of `group` consecutive float32 values of a row: min and max; returns False on inf/NaN.
 
-    Integer work on the bit patterns (vectorizes): i = bits ^ ((bits >> 31) & 0x7FFFFFFF) orders finite floats
-    like their values (−0 just below +0), and an exponent of all ones marks inf/NaN. Where both zeros occur the
-    sign of a zero minimum is the caller's to settle (numpy's reductions pick one).
+    Integer work on the bit patterns (vectorizes): `_ordered` bits order finite floats like their values, and an
+    exponent of all ones marks inf/NaN. Where both zeros occur the sign of a zero minimum is the caller's to
+    settle (numpy's reductions pick one).
     """
     rows, cols = values.shape
     bits = values.view(np.int32)
@@ -180,20 +216,38 @@ def group_min_max(values, group, low, high):  # pragma: no cover - compiled
             for k in range(g * group, (g + 1) * group):
                 b = bits[i, k]
                 special |= np.int32((b & np.int32(0x7F800000)) == np.int32(0x7F800000))
-                ordered = b ^ ((b >> np.int32(31)) & np.int32(0x7FFFFFFF))
-                lo = min(lo, ordered)
-                hi = max(hi, ordered)
-            lo_bits = lo ^ ((lo >> np.int32(31)) & np.int32(0x7FFFFFFF))
-            hi_bits = hi ^ ((hi >> np.int32(31)) & np.int32(0x7FFFFFFF))
-            low.view(np.int32)[i, g] = lo_bits
-            high.view(np.int32)[i, g] = hi_bits
+                lo = min(lo, _ordered(b))
+                hi = max(hi, _ordered(b))
+            low.view(np.int32)[i, g] = _ordered(lo)
+            high.view(np.int32)[i, g] = _ordered(hi)
+    return special == 0
+
+
+@njit(nogil=True, cache=True)
+def group_min_max_stored(stored, table, group, low, high):  # pragma: no cover - compiled
+    """`group_min_max` of table[stored]: 16-bit stored patterns (bf16/fp16) read through a 65536-entry float32
+    table (their exact widening, or e.g. bf16 → fp16 → float32), never widened in memory."""
+    rows, cols = stored.shape
+    wide = table.view(np.int32)
+    special = np.int32(0)
+    for i in range(rows):
+        for g in range(cols // group):
+            lo = np.int32(0x7FFFFFFF)
+            hi = np.int32(-0x7FFFFFFF - 1)
+            for k in range(g * group, (g + 1) * group):
+                b = wide[stored[i, k]]
+                special |= np.int32((b & np.int32(0x7F800000)) == np.int32(0x7F800000))
+                lo = min(lo, _ordered(b))
+                hi = max(hi, _ordered(b))
+            low.view(np.int32)[i, g] = _ordered(lo)
+            high.view(np.int32)[i, g] = _ordered(hi)
     return special == 0
 
 
 @njit(nogil=True, cache=True)
 def affine_codes_4bit(values, scales, offsets, group, subtract, out):  # pragma: no cover - compiled
-    """4-bit codes, in float32 exactly as numpy computes them: subtract → clip(rint((v − offset) / scale), 0, 15)
-    (MLX: offset = bias), else clip(rint(v / scale + offset), 0, 15) (Gemlite: offset = zero point).
+    """4-bit codes, in float32 exactly as numpy computes them (`_code_4bit`; MLX: offset = bias, subtract;
+    Gemlite: offset = zero point).
 
     out uint32 [rows, cols/8] packs 8 codes per word LSB-first (MLX), or uint8 [rows, cols] holds them (Gemlite).
     """
@@ -206,12 +260,29 @@ def affine_codes_4bit(values, scales, offsets, group, subtract, out):  # pragma:
             for k in range(g * group, (g + 1) * group, 8):
                 word = np.uint32(0)
                 for j in range(8):
-                    v = values[i, k + j]
-                    x = (v - o) / s if subtract else v / s + o
-                    # round half to even, as np.rint: exact for |x| < 2**22 (1.5·2**23 added and taken away in
-                    # float32); larger |x| only ever clips to 0 or 15 below, as np.rint's result would
-                    q = (x + np.float32(12582912.0)) - np.float32(12582912.0)
-                    q = min(max(q, np.float32(0)), np.float32(15))
+                    q = _code_4bit(values[i, k + j], s, o, subtract)
+                    if packed:
+                        word |= np.uint32(q) << np.uint32(4 * j)
+                    else:
+                        out[i, k + j] = np.uint8(q)
+                if packed:
+                    out[i, k // 8] = word
+
+
+@njit(nogil=True, cache=True)
+def affine_codes_4bit_stored(stored, table, scales, offsets, group, subtract, out):  # pragma: no cover - compiled
+    """`affine_codes_4bit` of table[stored] (16-bit stored patterns through a float32 table, as
+    `group_min_max_stored`)."""
+    rows, cols = stored.shape
+    packed = out.shape[1] != cols
+    for i in range(rows):
+        for g in range(cols // group):
+            s = scales[i, g]
+            o = offsets[i, g]
+            for k in range(g * group, (g + 1) * group, 8):
+                word = np.uint32(0)
+                for j in range(8):
+                    q = _code_4bit(table[stored[i, k + j]], s, o, subtract)
                     if packed:
                         word |= np.uint32(q) << np.uint32(4 * j)
                     else:

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
 from functools import lru_cache
+from importlib import metadata
+
+from .files import cache_dir
 
 # FLUX.2 [klein] 4B, REFERENCE.md §1.
 KLEIN_4B_TRANSFORMER = dict(
@@ -57,22 +65,55 @@ def _shapes_of(module) -> dict[str, tuple[int, ...]]:
 
 
 def _freeze(config: dict) -> tuple:
-    import json
-
     return (json.dumps(config, sort_keys=True, default=list),)
+
+
+def _disk_cached(kind: str, frozen: tuple, build: Callable[[], dict[str, tuple[int, ...]]]) -> dict:
+    """`build()`'s shapes, kept in `<cache>/shapes/` under the config and the library versions that built them.
+
+    Building a model on the meta device needs diffusers or transformers imported (7–8 s here, a sixth of a Klein
+    pack); every later pack of the same architecture reads a small JSON instead. A missing, unreadable or
+    malformed entry is rebuilt; a cache that cannot be written is skipped.
+    """
+    versions = {package: _version(package) for package in ("diffusers", "transformers", "accelerate", "torch")}
+    key = hashlib.sha256(json.dumps([kind, versions, frozen[0]], sort_keys=True).encode()).hexdigest()
+    path = cache_dir() / "shapes" / f"{key}.json"
+    try:
+        stored = json.loads(path.read_text())
+        if isinstance(stored, dict) and all(isinstance(v, list) for v in stored.values()):
+            return {name: tuple(int(d) for d in shape) for name, shape in stored.items()}
+    except (OSError, ValueError, TypeError):
+        pass
+    shapes = build()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
+            json.dump({name: list(shape) for name, shape in shapes.items()}, handle)
+        os.replace(handle.name, path)
+    except OSError:
+        pass
+    return shapes
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return ""
 
 
 @lru_cache(maxsize=8)
 def _transformer_shapes(frozen: tuple) -> dict[str, tuple[int, ...]]:
-    import json
+    def build() -> dict[str, tuple[int, ...]]:
+        from accelerate import init_empty_weights
+        from diffusers import Flux2Transformer2DModel
 
-    from accelerate import init_empty_weights
-    from diffusers import Flux2Transformer2DModel
+        config = json.loads(frozen[0])
+        with init_empty_weights():
+            model = Flux2Transformer2DModel(**_config_kwargs(config, Flux2Transformer2DModel))
+        return _shapes_of(model)
 
-    config = json.loads(frozen[0])
-    with init_empty_weights():
-        model = Flux2Transformer2DModel(**_config_kwargs(config, Flux2Transformer2DModel))
-    return _shapes_of(model)
+    return _disk_cached("Flux2Transformer2DModel", frozen, build)
 
 
 def transformer_shapes(config: dict) -> dict[str, tuple[int, ...]]:
@@ -82,18 +123,19 @@ def transformer_shapes(config: dict) -> dict[str, tuple[int, ...]]:
 
 @lru_cache(maxsize=8)
 def _text_encoder_shapes(frozen: tuple) -> dict[str, tuple[int, ...]]:
-    import json
+    def build() -> dict[str, tuple[int, ...]]:
+        from accelerate import init_empty_weights
+        from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from accelerate import init_empty_weights
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+        config = json.loads(frozen[0])
+        with init_empty_weights():
+            model = Qwen3ForCausalLM(Qwen3Config(**{k: v for k, v in config.items() if not k.startswith("_")}))
+        shapes = _shapes_of(model)
+        if config.get("tie_word_embeddings", False):
+            shapes.pop("lm_head.weight", None)
+        return shapes
 
-    config = json.loads(frozen[0])
-    with init_empty_weights():
-        model = Qwen3ForCausalLM(Qwen3Config(**{k: v for k, v in config.items() if not k.startswith("_")}))
-    shapes = _shapes_of(model)
-    if config.get("tie_word_embeddings", False):
-        shapes.pop("lm_head.weight", None)
-    return shapes
+    return _disk_cached("Qwen3ForCausalLM", frozen, build)
 
 
 def text_encoder_shapes(config: dict) -> dict[str, tuple[int, ...]]:
@@ -103,15 +145,16 @@ def text_encoder_shapes(config: dict) -> dict[str, tuple[int, ...]]:
 
 @lru_cache(maxsize=8)
 def _vae_shapes(frozen: tuple) -> dict[str, tuple[int, ...]]:
-    import json
+    def build() -> dict[str, tuple[int, ...]]:
+        from accelerate import init_empty_weights
+        from diffusers import AutoencoderKLFlux2
 
-    from accelerate import init_empty_weights
-    from diffusers import AutoencoderKLFlux2
+        config = json.loads(frozen[0])
+        with init_empty_weights():
+            model = AutoencoderKLFlux2(**_config_kwargs(config, AutoencoderKLFlux2))
+        return _shapes_of(model)
 
-    config = json.loads(frozen[0])
-    with init_empty_weights():
-        model = AutoencoderKLFlux2(**_config_kwargs(config, AutoencoderKLFlux2))
-    return _shapes_of(model)
+    return _disk_cached("AutoencoderKLFlux2", frozen, build)
 
 
 def vae_shapes(config: dict) -> dict[str, tuple[int, ...]]:

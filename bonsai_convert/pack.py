@@ -186,12 +186,14 @@ def _write_dense_component(
     encode: Callable,
     tick: Callable,
     row_separable: Callable[[str], bool] = lambda name: True,
+    encode_stored: Callable | None = None,
 ) -> None:
     """Write a text encoder / VAE tensor by tensor on PACK_THREADS threads; big 2-D tensors in row chunks when
     their encoding allows. A tensor that stays dense (one float output of its own name) is converted from its
-    stored values by `encode_dense_stored` (what `encode` does to the widened values, in one compiled pass); a
-    tensor that must be encoded whole (Gemlite's transposed 4-bit layers) holds `whole_tensor` while it does, so
-    two of them never sit in memory together."""
+    stored values by `encode_dense_stored` (what `encode` does to the widened values, in one compiled pass), and
+    one the target encodes from its stored bf16/fp16 patterns (`encode_stored`, e.g. the 4-bit text encoder) is
+    never widened. A tensor that must be widened and encoded whole holds `whole_tensor` while it does, so two of
+    them never sit in memory together."""
     writers = _open_writers(root, layout)
     whole_tensor = threading.Lock()
 
@@ -207,6 +209,7 @@ def _write_dense_component(
             and outputs[0].spec.dtype in ("F16", "BF16")
             and info.dtype in ("BF16", "F16")
         )
+        from_stored = kernels.ENABLED and encode_stored is not None and info.dtype in ("BF16", "F16")
 
         def rows_of(start: int, stop: int) -> dict[str, np.ndarray]:
             stored = handle.raw(source_name)[start:stop]  # a view of the mapped file: read once, by the kernel
@@ -214,11 +217,22 @@ def _write_dense_component(
                 out = kernels.scratch("dense", stored.shape, np.uint16)
                 encoded = encode_dense_stored(source_name, stored, info.dtype, outputs[0].spec.dtype, out)
                 return {source_name: encoded}
+            encoded = encode_stored(source_name, stored, info.dtype) if from_stored and stored.ndim == 2 else None
+            if encoded is not None:
+                return encoded
             if kernels.ENABLED and info.dtype == "BF16" and stored.ndim == 2:  # widened into a reused buffer
                 values = kernels.scratch("widened", stored.shape, np.uint32)
                 kernels.widen_bf16(np.ascontiguousarray(stored).reshape(-1), values.reshape(-1))
                 return encode(source_name, values.view(np.float32))
             return encode(source_name, handle.load_rows(source_name, start, stop))
+
+        def whole() -> dict[str, np.ndarray]:
+            stored = handle.raw(source_name)
+            encoded = encode_stored(source_name, stored, info.dtype) if from_stored and stored.ndim == 2 else None
+            if encoded is not None:  # its working set is the codes, never the widened tensor: no lock
+                return encoded
+            with whole_tensor if len(shape) == 2 and shape[0] > ROWS_PER_CHUNK else contextlib.nullcontext():
+                return encode(source_name, handle.load(source_name))
 
         if len(shape) == 2 and shape[0] > ROWS_PER_CHUNK and (dense or row_separable(source_name)):
             # e.g. Qwen3-4B's 151936 x 2560 embedding: never widened to fp32 whole
@@ -228,9 +242,8 @@ def _write_dense_component(
         elif dense and shape:
             writers[source_name].write(source_name, rows_of(0, shape[0])[source_name])
         else:
-            with whole_tensor if len(shape) == 2 and shape[0] > ROWS_PER_CHUNK else contextlib.nullcontext():
-                for name, array in encode(source_name, handle.load(source_name)).items():
-                    writers[name].write(name, array)
+            for name, array in whole().items():
+                writers[name].write(name, array)
         tick()
 
     def fill() -> None:
@@ -573,6 +586,7 @@ def _pack_source(source: Source, source_spec: str, out: Path, options: PackOptio
                 target.encode_text_encoder,
                 tick,
                 target.text_encoder_row_separable,
+                target.encode_text_encoder_stored,
             )
         if "vae" in bundle.components:
             _, vae_files = component_tensors(source.components["vae"])

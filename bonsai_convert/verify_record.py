@@ -15,17 +15,9 @@ import tempfile
 from pathlib import Path
 
 from .errors import InputError, OutputError
+from .files import cache_dir
 
 MANIFEST_NAME = "manifest.json"
-CACHE_ENV = "BONSAI_CONVERT_CACHE"
-
-
-def cache_dir() -> Path:
-    """The bonsai-convert cache folder: `$BONSAI_CONVERT_CACHE` or `~/.cache/bonsai-convert`."""
-    configured = os.environ.get(CACHE_ENV)
-    if configured:
-        return Path(configured).expanduser()
-    return Path.home() / ".cache" / "bonsai-convert"
 
 
 def manifest_sha256(bundle_dir: str | Path) -> str:

@@ -228,3 +228,47 @@ def test_text_encoder_4bit_kernels_equal_the_numpy_references(trial):
                 a.dtype == b.dtype and np.array_equal(a.view(np.uint8), b.view(np.uint8))
                 for a, b in zip(fast, reference, strict=True)
             )
+
+
+@pytest.mark.parametrize("trial", range(16))
+@pytest.mark.parametrize("stored_dtype", ["BF16", "F16"])
+@pytest.mark.parametrize("target_name", ["iphone", "cuda"])
+def test_text_encoder_from_stored_patterns_equals_the_widened_path(trial, stored_dtype, target_name):
+    """`encode_text_encoder_stored` (bf16/fp16 patterns through a widening table, never widened in memory) gives
+    `encode_text_encoder`'s bytes on the widened values, or None where the plain path must report a problem."""
+    import warnings
+
+    from bonsai_convert.layout import make_target
+
+    target = make_target(target_name, None)
+    rng = np.random.default_rng(100 + trial)
+    rows, cols = int(rng.integers(1, 40)), 64 * int(rng.integers(1, 6))
+    values = (rng.standard_normal((rows, cols)) * 10.0 ** rng.integers(-6, 3)).astype(np.float32)
+    if trial % 3 == 0:
+        values[0, :64] = 0  # a constant group
+    if trial % 4 == 0:
+        values[rng.random(values.shape) < 0.2] = 0
+    if trial % 5 == 0:
+        values[-1, :] = -0.0  # a zero minimum of either sign
+    bits = (values.view(np.uint32) >> 16).astype(np.uint16)  # bf16 by truncation: any pattern will do
+    if stored_dtype == "F16":
+        bits = values.astype(np.float16).view(np.uint16)
+    if trial % 7 == 0:
+        bits[0, 5] = 0x7A00 if stored_dtype == "BF16" else 0x7BFF  # beyond fp16 (bf16) / fp16 max
+    if trial % 13 == 0:
+        bits[-1, -1] = 0x7FC0 if stored_dtype == "BF16" else 0x7E00  # NaN
+    widened = bf16_bits_to_float32(bits) if stored_dtype == "BF16" else bits.view(np.float16)
+    name = "model.layers.0.mlp.up_proj.weight"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = outcome(lambda: target.encode_text_encoder(name, widened))
+        fast = outcome(lambda: target.encode_text_encoder_stored(name, bits, stored_dtype))
+    if fast is None or isinstance(fast, str):
+        assert isinstance(plain, str), "the stored path declined a tensor the plain path encodes"
+        assert fast is None or fast == plain
+        return
+    assert isinstance(plain, dict) and fast.keys() == plain.keys()
+    for key in plain:
+        assert fast[key].dtype == plain[key].dtype and np.array_equal(
+            fast[key].view(np.uint8), plain[key].view(np.uint8)
+        )

@@ -113,3 +113,34 @@ def test_bfl_single_file_packs_to_the_same_transformer(demo_checkpoint, demo_bun
     direct = demo_bundle(variant, "packed")
     shard = Path("transformer/model-00001-of-00001.safetensors")
     assert sha256_file(tmp_path / "bundle" / shard) == sha256_file(direct / shard)
+
+
+def test_shape_tables_are_cached_on_disk_and_rebuilt_when_damaged(tmp_path, monkeypatch):
+    """A second process reads a config's shapes from `<cache>/shapes/` without importing diffusers (7–8 s of a
+    pack); a damaged entry is rebuilt."""
+    import json
+    import subprocess
+    import sys
+
+    from bonsai_convert import model_shapes
+
+    monkeypatch.setenv("BONSAI_CONVERT_CACHE", str(tmp_path))
+    config = dict(model_shapes.KLEIN_4B_TRANSFORMER, num_layers=1, num_single_layers=1)
+    model_shapes._transformer_shapes.cache_clear()
+    built = model_shapes.transformer_shapes(config)
+    (entry,) = (tmp_path / "shapes").glob("*.json")
+    probe = (
+        "import json, sys\n"
+        "from bonsai_convert.model_shapes import transformer_shapes\n"
+        f"shapes = transformer_shapes(json.loads({json.dumps(json.dumps(config))}))\n"
+        "print(json.dumps({'diffusers': 'diffusers' in sys.modules, 'shapes': shapes}))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    report = json.loads(result.stdout)
+    assert report["diffusers"] is False
+    assert {name: tuple(shape) for name, shape in report["shapes"].items()} == built
+    entry.write_text("{not json")
+    model_shapes._transformer_shapes.cache_clear()
+    assert model_shapes.transformer_shapes(config) == built
+    assert {name: tuple(shape) for name, shape in json.loads(entry.read_text()).items()} == built
+    model_shapes._transformer_shapes.cache_clear()

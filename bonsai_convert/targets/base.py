@@ -87,6 +87,11 @@ class Target:
     def encode_text_encoder(self, name: str, values: np.ndarray) -> dict[str, np.ndarray]:
         return {name: encode_dense(name, values, self.dense_dtype)}
 
+    def encode_text_encoder_stored(self, name: str, stored: np.ndarray, stored_dtype: str) -> dict | None:
+        """`encode_text_encoder` of the widened values computed from the stored bf16/fp16 patterns (same bytes),
+        or None where the target has no such path (the caller widens and calls `encode_text_encoder`)."""
+        return None
+
     def text_encoder_row_separable(self, name: str) -> bool:
         """Whether encoding rows separately and stacking them gives the whole tensor's encoding (row-major)."""
         return True

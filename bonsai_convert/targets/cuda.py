@@ -25,38 +25,54 @@ _PART_OF = {
 _TEXT_LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight$")
 
 
-def quantize_affine_4bit(values: np.ndarray, group_size: int = TEXT_GROUP_SIZE) -> tuple[np.ndarray, ...]:
+def quantize_affine_4bit(
+    values: np.ndarray, group_size: int = TEXT_GROUP_SIZE, table: np.ndarray | None = None
+) -> tuple[np.ndarray, ...] | None:
     """Round-to-nearest asymmetric 4-bit per group (min/max, as MLX's affine mode): q, fp16 scales, fp16 zeros.
 
     W ≈ (q − zero)·scale with zero = −min/scale, so GemLite's stored fma zero −zero·scale equals min.
     Group min/max and the codes are compiled passes (bonsai_convert.kernels) giving the reference's bytes; anything
     unusual (non-finite, a zero minimum whose sign numpy picks, a zero fp16 scale) takes the reference's numpy code.
+    With `table` (kernels.widening_table), `values` are stored 16-bit patterns read through it (never widened in
+    memory); the reference then gets table[values], except that a non-finite value (e.g. one beyond fp16) returns
+    None: `to_fp16` on the plain path reports it.
     """
     from .. import kernels
 
+    def reference() -> tuple[np.ndarray, ...]:
+        return quantize_affine_4bit_reference(values if table is None else table[values], group_size)
+
     rows, cols = values.shape
     if not kernels.ENABLED or cols % group_size or group_size % 8 or not values.size:
-        return quantize_affine_4bit_reference(values, group_size)
+        return reference()
     low = np.empty((rows, cols // group_size), dtype=np.float32)
     high = np.empty_like(low)
     block = max(1, (4 << 20) // (4 * cols))  # rows widened to float32 at a time (never the whole tensor)
     for start in range(0, rows, block):
-        flat = np.ascontiguousarray(values[start : start + block], dtype=np.float32)
-        if not kernels.group_min_max(flat, group_size, low[start : start + block], high[start : start + block]):
-            return quantize_affine_4bit_reference(values, group_size)
+        part = slice(start, start + block)
+        if table is None:
+            flat = np.ascontiguousarray(values[part], dtype=np.float32)
+            finite = kernels.group_min_max(flat, group_size, low[part], high[part])
+        else:
+            finite = kernels.group_min_max_stored(values[part], table, group_size, low[part], high[part])
+        if not finite:
+            return reference() if table is None else None
     if (low == 0).any():
-        return quantize_affine_4bit_reference(values, group_size)
+        return reference()
     scales = np.maximum((high - low) / 15.0, 1e-8).astype(np.float16)
     safe = scales.astype(np.float32)
     zeros = (-low / safe).astype(np.float16)
     offsets = zeros.astype(np.float32)
     if not ((safe > 0).all() and np.isfinite(safe).all() and np.isfinite(offsets).all()):
-        return quantize_affine_4bit_reference(values, group_size)
+        return reference()
     q = np.empty((rows, cols), dtype=np.uint8)
     for start in range(0, rows, block):
-        rows_here = slice(start, start + block)
-        flat = np.ascontiguousarray(values[rows_here], dtype=np.float32)
-        kernels.affine_codes_4bit(flat, safe[rows_here], offsets[rows_here], group_size, False, q[rows_here])
+        part = slice(start, start + block)
+        if table is None:
+            flat = np.ascontiguousarray(values[part], dtype=np.float32)
+            kernels.affine_codes_4bit(flat, safe[part], offsets[part], group_size, False, q[part])
+        else:
+            kernels.affine_codes_4bit_stored(values[part], table, safe[part], offsets[part], group_size, False, q[part])
     return q, scales, zeros
 
 
@@ -143,6 +159,23 @@ class CudaTarget(Target):
         if len(self.text_encoder_outputs(name, values.shape, "F32")) == 1:
             return super().encode_text_encoder(name, values)
         q, scales, zeros = quantize_affine_4bit(to_fp16(name, values))
+        state = codec.encode_affine(q, scales, zeros, TEXT_BITS, TEXT_GROUP_SIZE)
+        prefix = name[: -len(".weight")]
+        return {f"{prefix}.{key}": value for key, value in state.items()}
+
+    def encode_text_encoder_stored(self, name: str, stored: np.ndarray, stored_dtype: str) -> dict | None:
+        """`encode_text_encoder` of the widened values, from the stored bf16/fp16 patterns (same bytes): the
+        fp16 rounding goes through a table and a value that overflows it takes the plain path, which refuses it."""
+        from .. import kernels
+
+        outputs = self.text_encoder_outputs(name, stored.shape, stored_dtype)
+        if len(outputs) == 1 or stored_dtype not in ("BF16", "F16"):
+            return None
+        bits = np.ascontiguousarray(stored).view(np.uint16)
+        quantized = quantize_affine_4bit(bits, TEXT_GROUP_SIZE, kernels.widening_table(stored_dtype, via_fp16=True))
+        if quantized is None:
+            return None
+        q, scales, zeros = quantized
         state = codec.encode_affine(q, scales, zeros, TEXT_BITS, TEXT_GROUP_SIZE)
         prefix = name[: -len(".weight")]
         return {f"{prefix}.{key}": value for key, value in state.items()}

@@ -107,6 +107,18 @@ class MLXTarget(Target):
         prefix = name[: -len(".weight")]
         return {name: weight, f"{prefix}.scales": scales, f"{prefix}.biases": biases}
 
+    def encode_text_encoder_stored(self, name: str, stored: np.ndarray, stored_dtype: str) -> dict | None:
+        """`encode_text_encoder` of the widened values, from the stored bf16/fp16 patterns (same bytes)."""
+        outputs = self.text_encoder_outputs(name, stored.shape, stored_dtype)
+        if len(outputs) == 1 or stored_dtype not in ("BF16", "F16"):
+            return None
+        from .. import kernels
+
+        table = kernels.widening_table(stored_dtype)
+        weight, scales, biases = quantize_text(name, stored.view(np.uint16), self.dense_dtype, table)
+        prefix = name[: -len(".weight")]
+        return {name: weight, f"{prefix}.scales": scales, f"{prefix}.biases": biases}
+
     def text_encoder_as_shipped(self, name: str, values: np.ndarray) -> np.ndarray:
         """The weight the runtime will see: 4-bit quantized then dequantized (the reference uses it too)."""
         encoded = self.encode_text_encoder(name, values)
@@ -135,32 +147,47 @@ def _round_to_bf16(values: np.ndarray) -> np.ndarray:
     return rounded.view(np.float32)
 
 
-def quantize_text(name: str, values: np.ndarray, dense_dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def quantize_text(
+    name: str, values: np.ndarray, dense_dtype: str, table: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Min/max affine 4-bit per group of 64 (MLX's affine mode): (uint32 words, scales, biases).
 
     The scale (max−min)/15 and bias min are rounded to the stored dtype first and the codes are chosen against the
     rounded values, so scale·q + bias of the stored tensors is the weight the golden reference and runtime both use.
     Group min/max and the codes are compiled passes (bonsai_convert.kernels) giving `quantize_text_reference`'s
     bytes; anything unusual (a non-finite value, a group whose min is zero) takes the reference's own numpy code.
+    With `table` (kernels.widening_table), `values` are the stored 16-bit patterns, read through it unwidened.
     """
     from .. import kernels
 
+    def widened() -> np.ndarray:
+        return values if table is None else table[values]
+
     rows, cols = values.shape
     if not kernels.ENABLED or cols % TEXT_GROUP_SIZE or not values.size:
-        return quantize_text_reference(name, values, dense_dtype)
-    flat = np.ascontiguousarray(values, dtype=np.float32)
+        return quantize_text_reference(name, widened(), dense_dtype)
     low = np.empty((rows, cols // TEXT_GROUP_SIZE), dtype=np.float32)
     high = np.empty_like(low)
-    if not kernels.group_min_max(flat, TEXT_GROUP_SIZE, low, high):
-        return quantize_text_reference(name, values, dense_dtype)  # raises the non-finite error
+    if table is None:
+        flat = np.ascontiguousarray(values, dtype=np.float32)
+        finite = kernels.group_min_max(flat, TEXT_GROUP_SIZE, low, high)
+    else:
+        flat = np.ascontiguousarray(values, dtype=np.uint16)
+        finite = kernels.group_min_max_stored(flat, table, TEXT_GROUP_SIZE, low, high)
+    if not finite:
+        return quantize_text_reference(name, widened(), dense_dtype)  # raises the non-finite error
     zero_min = np.nonzero((low == 0).any(axis=1))[0]
     if zero_min.size:  # the sign of a zero minimum is numpy's choice: take numpy's reduction for those rows
-        low[zero_min] = flat[zero_min].reshape(zero_min.size, -1, TEXT_GROUP_SIZE).min(axis=-1)
+        zero_rows = flat[zero_min] if table is None else table[flat[zero_min]]
+        low[zero_min] = zero_rows.reshape(zero_min.size, -1, TEXT_GROUP_SIZE).min(axis=-1)
     scale, bias, stored_scale, stored_bias = _group_scale_bias(name, low, high, dense_dtype)
     if not (np.isfinite(scale).all() and (scale > 0).all() and np.isfinite(bias).all()):
-        return quantize_text_reference(name, values, dense_dtype)
+        return quantize_text_reference(name, widened(), dense_dtype)
     words = np.empty((rows, cols // 8), dtype=np.uint32)
-    kernels.affine_codes_4bit(flat, scale, bias, TEXT_GROUP_SIZE, True, words)
+    if table is None:
+        kernels.affine_codes_4bit(flat, scale, bias, TEXT_GROUP_SIZE, True, words)
+    else:
+        kernels.affine_codes_4bit_stored(flat, table, scale, bias, TEXT_GROUP_SIZE, True, words)
     return words, stored_scale, stored_bias
 
 
