@@ -16,6 +16,7 @@ import numpy as np
 from numba import njit
 
 GROUP = 128
+WORD_TILE = 16  # rows per tile of the transposed Gemlite packers: 16 uint32 outputs fill a 64-byte cache line
 # BONSAI_CONVERT_REFERENCE=1 runs the plain numpy implementations instead (the byte-identity tests compare both).
 ENABLED = os.environ.get("BONSAI_CONVERT_REFERENCE", "") != "1"
 
@@ -174,12 +175,40 @@ def pack_words_transposed(q, nbits, out):  # pragma: no cover - compiled
     """Gemlite: uint8 q [N, K] → uint32 words [K/e, N], q[n, k] at bit (k % e)·nbits of word [k // e, n]."""
     n_rows, k_cols = q.shape
     per_word = 32 // nbits
-    for n in range(n_rows):
+    for n0 in range(0, n_rows, WORD_TILE):  # tiles of rows: contiguous output writes (see WORD_TILE)
         for w in range(k_cols // per_word):
-            value = np.uint32(0)
-            for j in range(per_word):
-                value |= np.uint32(q[n, w * per_word + j]) << np.uint32(j * nbits)
-            out[w, n] = value
+            for n in range(n0, min(n0 + WORD_TILE, n_rows)):
+                value = np.uint32(0)
+                for j in range(per_word):
+                    value |= np.uint32(q[n, w * per_word + j]) << np.uint32(j * nbits)
+                out[w, n] = value
+
+
+@njit(nogil=True, cache=True)
+def gemlite_words_from_codes(codes, nbits, out):  # pragma: no cover - compiled
+    """Gemlite A16W1 / A16W2 words straight from int8 codes [N, K]: q = (c + 1) / 2 (binary, c = ±1) or c + 1
+    (ternary), packed as `pack_words_transposed` into uint32 [K/e, N]. Tiles of WORD_TILE rows keep the output
+    writes contiguous. Returns False if a code is outside the variant's values (the caller then runs the numpy
+    code, which names the problem)."""
+    n_rows, k_cols = codes.shape
+    per_word = 32 // nbits
+    bad = np.int32(0)
+    for n0 in range(0, n_rows, WORD_TILE):
+        n1 = min(n0 + WORD_TILE, n_rows)
+        for w in range(k_cols // per_word):
+            for n in range(n0, n1):
+                value = np.uint32(0)
+                for j in range(per_word):
+                    c = np.int32(codes[n, w * per_word + j])
+                    if nbits == 1:
+                        bad |= np.int32(c * c != 1)
+                        q = np.uint32((c + 1) >> 1)
+                    else:
+                        bad |= np.int32(np.uint32(c + 1) > np.uint32(2))
+                        q = np.uint32(c + 1)
+                    value |= q << np.uint32(j * nbits)
+                out[w, n] = value
+    return bad == 0
 
 
 @njit(nogil=True, cache=True)
@@ -224,23 +253,37 @@ def group_min_max(values, group, low, high):  # pragma: no cover - compiled
 
 
 @njit(nogil=True, cache=True)
+def _ordered16(b):  # pragma: no cover - compiled
+    """A 16-bit float pattern → an int32 ordered like the values (−0 just below +0, NaNs beyond the infinities)."""
+    s = np.int32(np.int16(b))
+    return s ^ ((s >> np.int32(15)) & np.int32(0x7FFF))
+
+
+@njit(nogil=True, cache=True)
 def group_min_max_stored(stored, table, group, low, high):  # pragma: no cover - compiled
-    """`group_min_max` of table[stored]: 16-bit stored patterns (bf16/fp16) read through a 65536-entry float32
-    table (their exact widening, or e.g. bf16 → fp16 → float32), never widened in memory."""
+    """`group_min_max` of table[stored]: 16-bit stored patterns (bf16/fp16) and a 65536-entry float32 table that
+    is monotone in their order (every `widening_table`: the exact widening, or bf16 → fp16 → float32).
+
+    Monotone, so a group's extremes are the table values of its extreme patterns: min/max run on the 16-bit
+    integers (vectorized) and only those two go through the table. A NaN pattern sorts beyond the infinities, so
+    a group holding one, an infinity or a value the table sends to ±inf has a non-finite extreme: False."""
     rows, cols = stored.shape
     wide = table.view(np.int32)
     special = np.int32(0)
     for i in range(rows):
         for g in range(cols // group):
-            lo = np.int32(0x7FFFFFFF)
-            hi = np.int32(-0x7FFFFFFF - 1)
+            lo = np.int32(0x7FFF)
+            hi = np.int32(-0x8000)
             for k in range(g * group, (g + 1) * group):
-                b = wide[stored[i, k]]
-                special |= np.int32((b & np.int32(0x7F800000)) == np.int32(0x7F800000))
-                lo = min(lo, _ordered(b))
-                hi = max(hi, _ordered(b))
-            low.view(np.int32)[i, g] = _ordered(lo)
-            high.view(np.int32)[i, g] = _ordered(hi)
+                o = _ordered16(stored[i, k])
+                lo = min(lo, o)
+                hi = max(hi, o)
+            b_lo = wide[np.uint16(_ordered16(lo))]
+            b_hi = wide[np.uint16(_ordered16(hi))]
+            special |= np.int32((b_lo & np.int32(0x7F800000)) == np.int32(0x7F800000))
+            special |= np.int32((b_hi & np.int32(0x7F800000)) == np.int32(0x7F800000))
+            low.view(np.int32)[i, g] = b_lo
+            high.view(np.int32)[i, g] = b_hi
     return special == 0
 
 

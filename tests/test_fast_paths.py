@@ -272,3 +272,59 @@ def test_text_encoder_from_stored_patterns_equals_the_widened_path(trial, stored
         assert fast[key].dtype == plain[key].dtype and np.array_equal(
             fast[key].view(np.uint8), plain[key].view(np.uint8)
         )
+
+
+@pytest.mark.parametrize("stored_dtype, via_fp16", [("BF16", False), ("BF16", True), ("F16", False)])
+def test_group_extremes_on_stored_patterns_equal_numpy_on_the_widened_values(stored_dtype, via_fp16):
+    """Every 16-bit pattern (shuffled into groups of 64, plus groups of one repeated pattern) gives numpy's
+    min/max of the table values, −0 below +0, or False for a group with a NaN, an infinity or an overflow."""
+    table = kernels.widening_table(stored_dtype, via_fp16)
+    rng = np.random.default_rng(7)
+    patterns = rng.permutation(1 << 16).astype(np.uint16)
+    stored = np.concatenate([patterns, np.repeat(rng.integers(0, 1 << 16, 64).astype(np.uint16), 64)])
+    stored = stored.reshape(-1, 64)
+    low = np.empty((stored.shape[0], 1), np.float32)
+    high = np.empty_like(low)
+    for row in range(stored.shape[0]):
+        group = stored[row : row + 1]
+        finite = kernels.group_min_max_stored(group, table, 64, low[row : row + 1], high[row : row + 1])
+        values = table[group[0]]
+        assert finite == bool(np.isfinite(values).all())
+        if finite:
+            ordered = values.view(np.int32) ^ ((values.view(np.int32) >> 31) & 0x7FFFFFFF)  # −0 below +0
+            assert low[row, 0].view(np.int32) == values[np.argmin(ordered)].view(np.int32)
+            assert high[row, 0].view(np.int32) == values[np.argmax(ordered)].view(np.int32)
+
+
+@pytest.mark.parametrize("variant", ["binary", "ternary"])
+@pytest.mark.parametrize("trial", range(6))
+def test_gemlite_encode_from_codes_equals_the_numpy_path(variant, trial, monkeypatch):
+    """The one-pass compiled Gemlite packer gives the numpy path's tensors, and its error where codes or scales
+    are not the variant's (a stray code, a binary scale beyond fp16 when doubled)."""
+    rng = np.random.default_rng(trial)
+    rows, cols = int(rng.integers(1, 70)), 128 * int(rng.integers(1, 5))
+    low = -1 if variant == "ternary" else 0
+    codes = rng.integers(low, 2, size=(rows, cols)).astype(np.int8)
+    if variant == "binary":
+        codes[codes == 0] = -1
+    scales = rng.uniform(1e-3, 1.0, size=(rows, cols // 128)).astype(np.float16)
+    if trial == 4:
+        codes[rows // 2, cols - 1] = 2 if variant == "ternary" else 0
+    if trial == 5 and variant == "binary":
+        scales[0, 0] = 60000.0
+
+    def encoded():
+        try:
+            return gemlite.encode(codes, scales, variant)
+        except (InputError, ValueError) as error:
+            return f"{type(error).__name__}: {error}"
+
+    fast = encoded()
+    monkeypatch.setattr(kernels, "ENABLED", False)
+    reference = encoded()
+    if not isinstance(reference, dict):
+        assert fast == reference
+        return
+    assert fast.keys() == reference.keys()
+    for key in reference:
+        assert fast[key].dtype == reference[key].dtype and np.array_equal(fast[key], reference[key]), key

@@ -134,6 +134,20 @@ def encode_affine(
         raise ValueError(f"scales must be fp16 [{out_features}, {groups}], got {scales.dtype} {list(scales.shape)}")
     if q.size and int(q.max()) >= 2**nbits:
         raise ValueError(f"q holds {int(q.max())}, which does not fit in {nbits} bits")
+    return _affine_state(pack_words(q, nbits, packing_bitwidth), scales, zeros, nbits, group_size, packing_bitwidth)
+
+
+def _affine_state(
+    words: np.ndarray,
+    scales: np.ndarray,
+    zeros: np.ndarray | int,
+    nbits: int,
+    group_size: int,
+    packing_bitwidth: int,
+) -> dict[str, np.ndarray]:
+    """The state `encode_affine` gives, from the already packed W_q words and checked scales/zeros."""
+    out_features, groups = scales.shape
+    in_features = groups * group_size
     channelwise = groups == 1  # gemlite: scales.numel() == out_features
     if isinstance(zeros, (int, np.integer)):
         stored_zeros = np.array(int(zeros), dtype=np.int32)
@@ -152,7 +166,7 @@ def encode_affine(
     if channelwise:
         channel_scale_mode, group_mode = 1, 1
     return {
-        "W_q": pack_words(q, nbits, packing_bitwidth),
+        "W_q": words,
         "scales": np.ascontiguousarray(scales.T),
         "zeros": stored_zeros,
         "metadata": _metadata(nbits, group_size, channel_scale_mode, group_mode, packing_bitwidth),
@@ -166,8 +180,13 @@ def encode(
     """Exact binary (A16W1) / ternary (A16W2) gemlite state of codes int8 [N, K] and fp16 scales [N, K/128].
 
     binary: q = (b+1)/2, scales 2s, zeros 0.5 (W = q·2s − s); ternary: q = t+1, scales s, zeros int 1.
-    Rows are encoded in blocks (bounded temporaries); the transposed [*, N] tensors are joined along N.
+    Rows are encoded in blocks (bounded temporaries); the transposed [*, N] tensors are joined along N. The
+    compiled kernel (bonsai_convert.kernels) packs the codes in one pass with no temporaries; any code or scale
+    it does not take goes the numpy way, which raises the error.
     """
+    compiled = _encode_compiled(codes, scales, variant) if packing_bitwidth == PACKING_BITWIDTH else None
+    if compiled is not None:
+        return compiled
     parts = [_encode_rows(codes[rows], scales[rows], variant, packing_bitwidth) for rows in row_blocks(codes.shape[0])]
     if len(parts) == 1:
         return parts[0]
@@ -176,6 +195,35 @@ def encode(
         state[key] = np.concatenate([part[key] for part in parts], axis=1)
     state["orig_shape"] = np.array(codes.shape, dtype=np.int32)
     return state
+
+
+def _encode_compiled(codes: np.ndarray, scales: np.ndarray, variant: str) -> dict[str, np.ndarray] | None:
+    """`encode` through `kernels.gemlite_words_from_codes` (int32 words), or None where the numpy path must run."""
+    from .. import kernels
+
+    nbits = VARIANT_BITS.get(variant)
+    rows, cols = codes.shape if codes.ndim == 2 else (0, 0)
+    if (
+        not kernels.ENABLED
+        or nbits is None
+        or codes.dtype != np.int8
+        or not cols
+        or cols % GROUP_SIZE
+        or scales.dtype != np.float16
+        or scales.shape != (rows, cols // GROUP_SIZE)
+    ):
+        return None
+    if variant == "binary":
+        doubled = scales.astype(np.float32) * 2
+        if not (np.abs(doubled) <= FP16_MAX).all():
+            return None
+        scales, zeros = doubled.astype(np.float16), np.full(scales.shape, 0.5, np.float16)
+    else:
+        zeros = 1
+    words = np.empty((cols * nbits // PACKING_BITWIDTH, rows), dtype=np.uint32)
+    if not kernels.gemlite_words_from_codes(np.ascontiguousarray(codes), nbits, words):
+        return None
+    return _affine_state(words.view(np.int32), scales, zeros, nbits, GROUP_SIZE, PACKING_BITWIDTH)
 
 
 def _encode_rows(codes: np.ndarray, scales: np.ndarray, variant: str, packing_bitwidth: int) -> dict[str, np.ndarray]:
