@@ -43,6 +43,11 @@ class DenseDtype(str, Enum):
     float16 = "float16"
 
 
+class MemoryDevice(str, Enum):
+    gpu = "gpu"
+    cpu = "cpu"
+
+
 class ComputeDtype(str, Enum):
     float16 = "float16"
     float32 = "float32"
@@ -237,6 +242,9 @@ def plan(
     variant: VariantName = typer.Option(..., help="binary or ternary"),
     model: str = typer.Option("klein-4b", help="klein-4b (built in) or a source folder/file (headers only)"),
     size: str | None = typer.Option(None, help="WxH for the memory estimate (default: the profile's)"),
+    device: MemoryDevice = typer.Option(
+        MemoryDevice.gpu, help="Memory model of the profile's GPU, or of MLX's CPU backend (formats/memory.md)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Predict a bundle's bytes per component and its memory during generation, from shapes alone."""
@@ -248,17 +256,20 @@ def plan(
     target, variant = target.value, variant.value  # type: ignore[assignment]
     width, height = parse_size(size, profile_for(target))
     description = klein_4b() if model == "klein-4b" else describe_source(model)
-    report = make_plan(description, target, variant, width, height)
+    report = make_plan(description, target, variant, width, height, device=device.value)
     if as_json:
         print(json.dumps(report, indent=2, sort_keys=True))
         return
     out = Console()
-    packed = make_plan(description, "packed", variant, width, height) if target != "packed" else None
+    packed = None
+    if target != "packed":
+        packed = make_plan(description, "packed", variant, width, height, device=device.value)
     print_table(report, out, packed)
     memory = report["memory"]
     verdict = "[green]fits[/green]" if memory["fits"] else "[red]does not fit[/red]"
     out.print(
-        f"memory at {width}×{height} ({memory['compute_dtype']}): peak {memory['peak_bytes'] / 1e9:.2f} GB, "
+        f"memory at {width}×{height} ({memory['compute_dtype']}, {memory['device']}): "
+        f"peak {memory['peak_bytes'] / 1e9:.2f} GB, "
         f"mean active {memory['mean_active_bytes'] / 1e9:.2f} GB; budget {memory['budget_bytes'] / 1e9:.2f} GB "
         f"→ {verdict} (margin {memory['margin_bytes'] / 1e9:+.2f} GB)"
     )

@@ -38,8 +38,10 @@ def plan(
     golden: bool = True,
     dtype: str | None = None,
     dense_dtype: str | None = None,
+    device: str = "gpu",
 ) -> dict:
-    """The plan report: the same JSON shape as `inspect --json`, plus memory and device fit."""
+    """The plan report: the same JSON shape as `inspect --json`, plus memory and device fit (`device`: see
+    memory.estimate_memory)."""
     from .memory import estimate_memory
 
     if variant not in ("binary", "ternary"):
@@ -52,7 +54,7 @@ def plan(
         if name in summary["components"]:
             summary["components"][name]["estimated"] = True
     profile = profile_for(target_name)
-    memory = estimate_memory(model, summary["components"], profile, width, height, dtype)
+    memory = estimate_memory(model, summary["components"], profile, width, height, dtype, device)
     return {
         "model": model.label,
         "target": target_name,

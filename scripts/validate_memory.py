@@ -6,10 +6,10 @@
 Packs SOURCE for TARGET (without golden record) unless --bundle is given, generates at each size with the MLX
 runtime and compares `mx.get_peak_memory()` of each phase (text encoding, denoising — which includes loading the
 transformer —, VAE decode; the peak is reset before each) with the model's phase predictions, with the relative
-error (predicted − measured) / measured. Each size runs in a fresh process (bonsai_mlx first, for the BLAS).
-At Klein widths use a `make_synthetic_checkpoint.py --full --scale F` source: depth changes only the number of
-resident layers, not the per-layer terms. Writes JSON. Not a test.
-"""
+error (predicted − measured) / measured; the predictions are the model's `device="cpu"` ones (MLX's CPU backend:
+dequantized low-bit linears, unfolded convolutions), since that is what runs here. Each size runs in a fresh process
+(bonsai_mlx first, for the BLAS). At Klein widths use a `make_synthetic_checkpoint.py --full --scale F` source:
+depth changes only the number of resident layers, not the per-layer terms. Writes JSON. Not a test."""
 
 from __future__ import annotations
 
@@ -63,7 +63,9 @@ def main() -> int:
             pack(args.source, bundle, PackOptions(target=args.target, golden=False))
         manifest = json.loads((bundle / "manifest.json").read_text())
         for size in (int(s) for s in args.sizes.split(",")):
-            predicted = plan(description, args.target, manifest["variant"], size, size, golden=False, dtype=args.dtype)
+            predicted = plan(
+                description, args.target, manifest["variant"], size, size, golden=False, dtype=args.dtype, device="cpu"
+            )
             command = [sys.executable, __file__, "--measure", str(size), "--bundle", str(bundle)]
             command += ["--target", args.target, "--dtype", args.dtype]
             if args.max_sequence_length:

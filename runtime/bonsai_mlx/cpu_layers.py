@@ -12,22 +12,42 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+DENSE_CHUNK_VALUES = 1 << 24  # dequantized weight values per matmul (64 MB in fp32)
+
 
 class DequantizedLinear(nn.QuantizedLinear):
     """An nn.QuantizedLinear (same parameters and names) computing x @ dequantize(W).T with a dense matmul.
 
-    The dense weight exists only while the layer runs (one layer at a time inside a lazily evaluated graph)."""
+    The dense weight exists only while its rows are multiplied: layers wider than DENSE_CHUNK_VALUES run in
+    blocks of output rows, each evaluated before the next is dequantized (MLX's CPU dequantize peaks at twice its
+    output; a bf16/fp16 product is widened to fp32 on top), so Klein's 27648×3072 projection holds 0.13 GB of
+    dense weight at a time instead of 0.68 GB (formats/memory.md)."""
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def _dense(self, rows: slice, dtype: mx.Dtype) -> mx.array:
+        biases = self.get("biases")
         weight = mx.dequantize(
-            self["weight"],
-            scales=self["scales"],
-            biases=self.get("biases"),
+            self["weight"][rows],
+            scales=self["scales"][rows],
+            biases=None if biases is None else biases[rows],
             group_size=self.group_size,
             bits=self.bits,
             mode=self.mode,
         )
-        out = mx.matmul(x, weight.astype(x.dtype).T)
+        return weight.astype(dtype)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        out_features = self["weight"].shape[0]
+        in_features = self["scales"].shape[1] * self.group_size
+        block = max(1, DENSE_CHUNK_VALUES // in_features)
+        if out_features <= block:
+            out = mx.matmul(x, self._dense(slice(None), x.dtype).T)
+        else:
+            parts = []
+            for start in range(0, out_features, block):
+                part = mx.matmul(x, self._dense(slice(start, start + block), x.dtype).T)
+                mx.eval(part)
+                parts.append(part)
+            out = mx.concatenate(parts, axis=-1)
         if "bias" in self:
             out = out + self["bias"]
         return out

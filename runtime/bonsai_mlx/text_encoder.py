@@ -23,6 +23,7 @@ from mlx_lm.models import qwen3
 
 from .cpu_layers import use_dense_kernels
 from .loading import BundleError, apply_quantization, load_into, load_weights, read_json, to_dtype
+from .staging import staged
 
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
@@ -181,7 +182,7 @@ class Qwen3Encoder:
         mask = attention_mask_4d(attention_mask)
         states: dict[int, mx.array] = {0: h} if 0 in wanted else {}
         for index, layer in enumerate(inner.layers[: max(layers)], start=1):
-            h = layer(h, mask)
+            h = staged(layer(h, mask))  # one layer's dequantized weights live at a time (bonsai_mlx.staging)
             if index in wanted:
                 states[index] = inner.norm(h) if index == self.original_num_layers else h
         return mx.concatenate([states[k] for k in layers], axis=-1)

@@ -19,6 +19,7 @@ import numpy as np
 
 from .cpu_layers import use_dense_kernels
 from .loading import apply_quantization, load_into, load_weights, read_json, to_dtype
+from .staging import staged
 
 FP16_MAX = 65504.0
 
@@ -356,12 +357,13 @@ class Flux2Transformer(nn.Module):
                 raise ValueError("pass either rope or both img_ids and txt_ids")
             rope = self.rope(txt_ids, img_ids)
 
-        for block in self.transformer_blocks:
+        for block in self.transformer_blocks:  # block by block: bonsai_mlx.staging
             context, x = block(x, context, mod_img, mod_txt, rope)
+            staged(context, x)
         text_len = context.shape[1]
         x = mx.concatenate([context, x], axis=1)
         for block in self.single_transformer_blocks:
-            x = block(x, mod_single, rope)
+            x = staged(block(x, mod_single, rope))
         x = self.norm_out(x[:, text_len:], temb)
         return self.proj_out(x)
 

@@ -18,6 +18,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .loading import BundleError, load_into, read_json, to_dtype
+from .staging import staged
 
 VAE_WEIGHTS = "diffusion_pytorch_model.safetensors"
 DECODER_PREFIXES = ("decoder.", "post_quant_conv.")
@@ -71,11 +72,13 @@ class ResnetBlock2D(nn.Module):
             self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1)
 
     def __call__(self, x: mx.array) -> mx.array:
-        h = self.conv1(nn.silu(self.norm1(x)))
-        h = self.conv2(nn.silu(self.norm2(h)))
+        h = staged(nn.silu(self.norm1(x)))
+        h = staged(self.conv1(h))
+        h = staged(nn.silu(self.norm2(h)))
+        h = staged(self.conv2(h))
         if "conv_shortcut" in self:
-            x = self.conv_shortcut(x)
-        return x + h
+            x = staged(self.conv_shortcut(x))
+        return staged(x + h)
 
 
 class AttentionBlock(nn.Module):
@@ -139,7 +142,7 @@ class Upsample2D(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.conv(upsample_nearest(x))
+        return staged(self.conv(staged(upsample_nearest(x))))
 
 
 class UpDecoderBlock2D(nn.Module):
@@ -186,7 +189,7 @@ class Decoder(nn.Module):
         """The up blocks and the output head: latent resolution → pixels."""
         for block in self.up_blocks:
             x = block(x)
-        return self.conv_out(nn.silu(self.conv_norm_out(x)))
+        return self.conv_out(staged(nn.silu(self.conv_norm_out(x))))
 
     def __call__(self, z: mx.array) -> mx.array:
         return self.upsample(self.middle(z))

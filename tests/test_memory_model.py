@@ -1,0 +1,86 @@
+"""The memory model (bonsai_convert/memory.py, formats/memory.md) against what MLX's CPU backend allocates: the
+Klein VAE decoder (real channel widths, random weights) decoded stage by stage as the runtime does."""
+
+from __future__ import annotations
+
+import pytest
+
+from bonsai_convert.memory import DENSE_CHUNK_VALUES, cpu_dequantized_bytes, vae_decode_activations
+from bonsai_convert.plan import klein_4b
+from bonsai_convert.plan import plan as make_plan
+
+KLEIN_VAE = {"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "out_channels": 3}
+
+
+@pytest.mark.parametrize("size", [64, 128])
+def test_vae_decode_peak_is_the_widest_stage_within_15_percent(size):
+    import bonsai_mlx  # noqa: F401 - loads the BLAS before MLX
+    import mlx.core as mx
+    from bonsai_mlx.vae import VAEConfig, VAEDecoder
+
+    decoder = VAEDecoder(VAEConfig())
+    decoder.set_dtype(mx.float32)
+    mx.eval(decoder.parameters())
+    latents = mx.random.normal((1, size // 8, size // 8, 32))
+    mx.eval(latents)
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
+    mx.eval(decoder.decode(latents))
+    measured = mx.get_peak_memory() - before
+    predicted = vae_decode_activations(KLEIN_VAE, size, size, None, 4, unfold=True)
+    assert abs(predicted - measured) / measured < 0.15, (predicted, measured)
+
+
+def test_cpu_model_adds_the_dequantized_linear_and_the_unfolded_convolutions():
+    model = klein_4b()
+    gpu = make_plan(model, "iphone", "ternary", 256, 256, golden=False, dtype="float32")["memory"]
+    cpu = make_plan(model, "iphone", "ternary", 256, 256, golden=False, dtype="float32", device="cpu")["memory"]
+    assert (gpu["device"], cpu["device"]) == ("gpu", "cpu")
+    tokens = 256 + model.max_sequence_length  # 16×16 latent tokens + the prompt
+    # the widest linear: the single blocks' to_qkv_mlp_proj, 27648 × 3072, run in blocks of 5461 rows
+    widest = cpu_dequantized_bytes(27648, 3072, tokens, 4)
+    assert widest == 5461 * 3072 * 8 + tokens * 27648 * 4
+    assert cpu["phases"]["denoising"] - gpu["phases"]["denoising"] == widest
+    assert cpu["phases"]["text_encoding"] - gpu["phases"]["text_encoding"] == cpu_dequantized_bytes(
+        9728, 2560, model.max_sequence_length, 4
+    )
+    assert cpu["phases"]["vae_decode"] > gpu["phases"]["vae_decode"]
+    with pytest.raises(ValueError, match="device 'tpu'"):
+        make_plan(model, "iphone", "ternary", 256, 256, golden=False, device="tpu")
+
+
+def test_model_and_runtime_agree_on_the_dequantized_block_size():
+    from bonsai_mlx import cpu_layers
+
+    assert cpu_layers.DENSE_CHUNK_VALUES == DENSE_CHUNK_VALUES
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cpu_low_bit_linear_in_blocks_gives_the_values_within_the_modelled_memory(dtype):
+    """A layer wider than one block: the same output as one dense product (fp32 summation order aside), and the
+    extra memory `cpu_dequantized_bytes` predicts (±15 %)."""
+    import bonsai_mlx  # noqa: F401 - loads the BLAS before MLX
+    import mlx.core as mx
+    import mlx.nn as nn
+    import numpy as np
+    from bonsai_mlx.cpu_layers import use_dense_kernels
+
+    out_features, in_features, tokens = 9728, 2560, 64
+    model = nn.Sequential(nn.Linear(in_features, out_features, bias=False))
+    nn.quantize(model, group_size=64, bits=4)
+    model.set_dtype(getattr(mx, dtype))
+    assert use_dense_kernels(model, mx.cpu) == 1
+    mx.eval(model.parameters())
+    layer = model.layers[0]
+    x = mx.random.normal((1, tokens, in_features)).astype(getattr(mx, dtype))
+    mx.eval(x)
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
+    y = model(x)
+    mx.eval(y)
+    measured = mx.get_peak_memory() - before - y.nbytes
+    dense = mx.dequantize(layer.weight, layer.scales, layer.biases, group_size=64, bits=4).astype(x.dtype)
+    expected = np.array((x @ dense.T).astype(mx.float32))
+    assert np.allclose(np.array(y.astype(mx.float32)), expected, rtol=2e-2 if dtype == "bfloat16" else 1e-5, atol=1e-3)
+    predicted = cpu_dequantized_bytes(out_features, in_features, tokens, getattr(mx, dtype).size)
+    assert abs(predicted - measured) / measured < 0.15, (predicted, measured)
