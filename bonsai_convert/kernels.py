@@ -185,6 +185,20 @@ def pack_words_transposed(q, nbits, out):  # pragma: no cover - compiled
 
 
 @njit(nogil=True, cache=True)
+def unpack_words_transposed(words, nbits, out):  # pragma: no cover - compiled
+    """Inverse of `pack_words_transposed`: uint32 words [K/e, N] → uint8 q [N, K] (tiles of WORD_TILE rows)."""
+    n_rows, k_cols = out.shape
+    per_word = 32 // nbits
+    mask = np.uint32((1 << nbits) - 1)
+    for n0 in range(0, n_rows, WORD_TILE):
+        for w in range(k_cols // per_word):
+            for n in range(n0, min(n0 + WORD_TILE, n_rows)):
+                value = words[w, n]
+                for j in range(per_word):
+                    out[n, w * per_word + j] = np.uint8((value >> np.uint32(j * nbits)) & mask)
+
+
+@njit(nogil=True, cache=True)
 def gemlite_words_from_codes(codes, nbits, out):  # pragma: no cover - compiled
     """Gemlite A16W1 / A16W2 words straight from int8 codes [N, K]: q = (c + 1) / 2 (binary, c = ±1) or c + 1
     (ternary), packed as `pack_words_transposed` into uint32 [K/e, N]. Tiles of WORD_TILE rows keep the output

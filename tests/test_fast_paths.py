@@ -99,6 +99,9 @@ def test_codec_kernels_equal_the_numpy_references(cols):
             q = rng.integers(0, 2**nbits, size=(37, cols)).astype(np.uint8)
             fast, reference = gemlite.pack_words(q, nbits), gemlite.pack_words_reference(q, nbits)
             assert fast.dtype == reference.dtype and np.array_equal(fast, reference)
+            unpacked = gemlite.unpack_words(fast, nbits, cols)
+            assert unpacked.dtype == np.uint8 and np.array_equal(unpacked, q)
+            assert np.array_equal(unpacked, gemlite.unpack_words_reference(fast, nbits, cols))
 
 
 @settings(max_examples=60, deadline=None)

@@ -307,7 +307,18 @@ def read_metadata(state: dict[str, np.ndarray]) -> dict[str, int]:
 
 def unpack_words(words: np.ndarray, nbits: int, in_features: int) -> np.ndarray:
     """int32 words [K/e, N] (or uint8 bytes, packing bitwidth 8) → uint8 q [N, K]:
-    q[n, k] = (words[k//e, n] >> (k % e)·nbits) & (2**nbits − 1)."""
+    q[n, k] = (words[k//e, n] >> (k % e)·nbits) & (2**nbits − 1). int32 words go through a compiled pass."""
+    from .. import kernels
+
+    if kernels.ENABLED and words.dtype == np.int32 and words.ndim == 2 and words.shape[0] * 32 == in_features * nbits:
+        q = np.empty((words.shape[1], in_features), dtype=np.uint8)
+        kernels.unpack_words_transposed(np.ascontiguousarray(words).view(np.uint32), nbits, q)
+        return q
+    return unpack_words_reference(words, nbits, in_features)
+
+
+def unpack_words_reference(words: np.ndarray, nbits: int, in_features: int) -> np.ndarray:
+    """`unpack_words` in plain numpy (the specification of its values)."""
     unsigned = words.view(np.uint32) if words.dtype == np.int32 else words
     per_word = unsigned.dtype.itemsize * 8 // nbits
     shifts = np.arange(per_word, dtype=unsigned.dtype) * unsigned.dtype.type(nbits)
