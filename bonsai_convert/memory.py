@@ -89,13 +89,17 @@ def vae_decode_activations(
     return widest * dtype_bytes
 
 
-def cpu_dequantized_bytes(out_features: int, in_features: int, tokens: int, dtype_bytes: int) -> int:
+def cpu_dequantized_bytes(out_features: int, in_features: int, tokens: int, dtype_bytes: int, bits: int = 4) -> int:
     """What one low-bit linear adds on MLX's CPU device (bonsai_mlx.cpu_layers.DequantizedLinear): a block of at
-    most DENSE_CHUNK_VALUES dequantized weights at a time — MLX's CPU dequantize peaks at twice its output, and a
-    16-bit product is widened to fp32 on top (8 bytes per value in fp32, 10 in fp16/bf16, measured) — plus, when
-    the layer ran in blocks, the concatenated output."""
+    most DENSE_CHUNK_VALUES dequantized weights at a time, plus, when the layer ran in blocks, the concatenated
+    output. Per weight of a block (measured): 1-/2-bit layers (unpacked with plain MLX ops) hold the dense block,
+    4-bit ones (`mx.dequantize`, which peaks at twice its output) twice that, and a 16-bit product is widened to
+    fp32 on top (1-/2-bit: 4 bytes in fp32, 6 in fp16/bf16; 4-bit: 8 and 10)."""
     block_rows = max(1, DENSE_CHUNK_VALUES // in_features)
-    per_value = 2 * dtype_bytes + (6 if dtype_bytes < 4 else 0)
+    if bits in (1, 2):
+        per_value = dtype_bytes + (4 if dtype_bytes < 4 else 0)
+    else:
+        per_value = 2 * dtype_bytes + (6 if dtype_bytes < 4 else 0)
     concatenated = tokens * out_features * dtype_bytes if out_features > block_rows else 0
     return min(out_features, block_rows) * in_features * per_value + concatenated
 
@@ -124,8 +128,8 @@ def text_linear_shapes(config: dict | None) -> list[tuple[int, int]]:
     ]
 
 
-def cpu_linear_term(shapes: list[tuple[int, int]], tokens: int, dtype_bytes: int) -> int:
-    return max((cpu_dequantized_bytes(o, i, tokens, dtype_bytes) for o, i in shapes), default=0)
+def cpu_linear_term(shapes: list[tuple[int, int]], tokens: int, dtype_bytes: int, bits: int) -> int:
+    return max((cpu_dequantized_bytes(o, i, tokens, dtype_bytes, bits) for o, i in shapes), default=0)
 
 
 def estimate_memory(
@@ -160,8 +164,9 @@ def estimate_memory(
     text_act = text_encoder_activations(model.text_encoder_config, len(model.out_layers), dtype_bytes, text_tokens)
     denoise_act = transformer_activations(model.transformer_config, image_tokens, dtype_bytes, text_tokens)
     if cpu:
-        denoise_act += cpu_linear_term(transformer_linear_shapes(model), image_tokens + text_tokens, dtype_bytes)
-        text_act += cpu_linear_term(text_linear_shapes(model.text_encoder_config), text_tokens, dtype_bytes)
+        # Bonsai's transformer linears are 1- or 2-bit (the same per-weight cost), the text encoder's 4-bit
+        denoise_act += cpu_linear_term(transformer_linear_shapes(model), image_tokens + text_tokens, dtype_bytes, 2)
+        text_act += cpu_linear_term(text_linear_shapes(model.text_encoder_config), text_tokens, dtype_bytes, 4)
     decode_act = vae_decode_activations(model.vae_config, width, height, profile["vae_tile"], dtype_bytes, cpu)
     # The first image, in the runtime's order: MLX reads weights on first use (mx.load is lazy), so the VAE's
     # arrive at the decode; the transformer is loaded after the prompt is encoded and the text encoder freed.

@@ -38,8 +38,8 @@ def test_cpu_model_adds_the_dequantized_linear_and_the_unfolded_convolutions():
     assert (gpu["device"], cpu["device"]) == ("gpu", "cpu")
     tokens = 256 + model.max_sequence_length  # 16×16 latent tokens + the prompt
     # the widest linear: the single blocks' to_qkv_mlp_proj, 27648 × 3072, run in blocks of 5461 rows
-    widest = cpu_dequantized_bytes(27648, 3072, tokens, 4)
-    assert widest == 5461 * 3072 * 8 + tokens * 27648 * 4
+    widest = cpu_dequantized_bytes(27648, 3072, tokens, 4, bits=2)
+    assert widest == 5461 * 3072 * 4 + tokens * 27648 * 4
     assert cpu["phases"]["denoising"] - gpu["phases"]["denoising"] == widest
     assert cpu["phases"]["text_encoding"] - gpu["phases"]["text_encoding"] == cpu_dequantized_bytes(
         9728, 2560, model.max_sequence_length, 4
@@ -55,8 +55,9 @@ def test_model_and_runtime_agree_on_the_dequantized_block_size():
     assert cpu_layers.DENSE_CHUNK_VALUES == DENSE_CHUNK_VALUES
 
 
+@pytest.mark.parametrize("bits, group_size", [(2, 128), (1, 128), (4, 64)])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_cpu_low_bit_linear_in_blocks_gives_the_values_within_the_modelled_memory(dtype):
+def test_cpu_low_bit_linear_in_blocks_gives_the_values_within_the_modelled_memory(dtype, bits, group_size):
     """A layer wider than one block: the same output as one dense product (fp32 summation order aside), and the
     extra memory `cpu_dequantized_bytes` predicts (±15 %)."""
     import bonsai_mlx  # noqa: F401 - loads the BLAS before MLX
@@ -67,20 +68,36 @@ def test_cpu_low_bit_linear_in_blocks_gives_the_values_within_the_modelled_memor
 
     out_features, in_features, tokens = 9728, 2560, 64
     model = nn.Sequential(nn.Linear(in_features, out_features, bias=False))
-    nn.quantize(model, group_size=64, bits=4)
+    nn.quantize(model, group_size=group_size, bits=bits)
     model.set_dtype(getattr(mx, dtype))
     assert use_dense_kernels(model, mx.cpu) == 1
     mx.eval(model.parameters())
     layer = model.layers[0]
     x = mx.random.normal((1, tokens, in_features)).astype(getattr(mx, dtype))
     mx.eval(x)
+    mx.clear_cache()
     mx.reset_peak_memory()
     before = mx.get_active_memory()
     y = model(x)
     mx.eval(y)
     measured = mx.get_peak_memory() - before - y.nbytes
-    dense = mx.dequantize(layer.weight, layer.scales, layer.biases, group_size=64, bits=4).astype(x.dtype)
+    dense = mx.dequantize(layer.weight, layer.scales, layer.biases, group_size=group_size, bits=bits).astype(x.dtype)
     expected = np.array((x @ dense.T).astype(mx.float32))
     assert np.allclose(np.array(y.astype(mx.float32)), expected, rtol=2e-2 if dtype == "bfloat16" else 1e-5, atol=1e-3)
-    predicted = cpu_dequantized_bytes(out_features, in_features, tokens, getattr(mx, dtype).size)
+    predicted = cpu_dequantized_bytes(out_features, in_features, tokens, getattr(mx, dtype).size, bits)
     assert abs(predicted - measured) / measured < 0.15, (predicted, measured)
+
+
+@pytest.mark.parametrize("bits", [1, 2])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_unpacked_binary_and_ternary_weights_are_mx_dequantize_bit_for_bit(bits, dtype):
+    import bonsai_mlx  # noqa: F401 - loads the BLAS before MLX
+    import mlx.core as mx
+    from bonsai_mlx.cpu_layers import unpack_affine
+
+    weight = mx.random.normal((300, 1024), key=mx.random.key(bits))
+    q, scales, biases = mx.quantize(weight, group_size=128, bits=bits)
+    scales, biases = scales.astype(getattr(mx, dtype)), biases.astype(getattr(mx, dtype))
+    expected = mx.dequantize(q, scales, biases, group_size=128, bits=bits)
+    got = unpack_affine(q, scales, biases, bits, 128)
+    assert got.dtype == expected.dtype and mx.array_equal(got, expected).item()

@@ -3,8 +3,9 @@
 MLX's CPU `quantized_matmul` is a scalar loop (~1.5 s for a 1152×3840×640 product at any bit width, REFERENCE.md
 §12) while `mx.dequantize` of the layer followed by a BLAS matmul takes ~40 ms. The weights are the same: the
 dequantized matrix is exactly scale·q + bias of every element (binary ±s, ternary −s/0/+s); only the fp32
-summation order of the product differs (as between any two BLAS kernels). On Apple GPUs the quantized Metal
-kernels stay in use.
+summation order of the product differs (as between any two BLAS kernels). 1- and 2-bit layers are unpacked with
+plain MLX ops (`unpack_affine`, bit-identical to `mx.dequantize` and ~3× faster on the CPU). On Apple GPUs the
+quantized Metal kernels stay in use.
 """
 
 from __future__ import annotations
@@ -13,6 +14,19 @@ import mlx.core as mx
 import mlx.nn as nn
 
 DENSE_CHUNK_VALUES = 1 << 24  # dequantized weight values per matmul (64 MB in fp32)
+EXACT_BITS = (1, 2)  # Bonsai's binary / ternary layers: scale·q + bias is exact, however it is computed
+
+
+def unpack_affine(weight: mx.array, scales: mx.array, biases: mx.array, bits: int, group_size: int) -> mx.array:
+    """`mx.dequantize` of a 1- or 2-bit affine layer as plain MLX ops (shift, mask, scale·q + bias per group): the
+    same values (q·s + b of a small integer q is exact for Bonsai's scales, tests compare them bit for bit), about
+    3× faster on the CPU (0.42 against 1.18 s for Klein's 27648 × 3072 projection) and peaking at its output
+    instead of twice it. Fields are LSB-first, 32/bits per uint32 word along the row, as MLX packs them."""
+    rows = weight.shape[0]
+    shifts = mx.arange(0, 32, bits, dtype=mx.uint32)
+    codes = (weight[..., None] >> shifts) & ((1 << bits) - 1)
+    codes = codes.reshape(rows, -1, group_size).astype(scales.dtype)
+    return (codes * scales[..., None] + biases[..., None]).reshape(rows, -1)
 
 
 class DequantizedLinear(nn.QuantizedLinear):
@@ -25,6 +39,8 @@ class DequantizedLinear(nn.QuantizedLinear):
 
     def _dense(self, rows: slice, dtype: mx.Dtype) -> mx.array:
         biases = self.get("biases")
+        if self.bits in EXACT_BITS and self.mode == "affine" and biases is not None:
+            return unpack_affine(self["weight"][rows], self["scales"][rows], biases[rows], self.bits, self.group_size)
         weight = mx.dequantize(
             self["weight"][rows],
             scales=self["scales"][rows],
