@@ -21,27 +21,10 @@ import sys
 import time
 from pathlib import Path
 
-MEASURED_VERIFY = (
-    "import atexit, sys\n"
-    "def report(path):\n"
-    "    status = open('/proc/self/status').read()\n"
-    "    open(path, 'w').write(status.split('VmHWM:')[1].split()[0])\n"
-    "atexit.register(report, sys.argv[1])\n"
-    "sys.argv = ['bonsai-convert'] + sys.argv[2:]\n"
-    "from bonsai_convert.cli import main\n"
-    "main()\n"
-)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_pack beside this file, however it is started
+from bench_pack import MEASURED_PACK, files_of, folder_bytes, warm  # noqa: E402
 
-
-def bundle_files(bundle: Path) -> list[Path]:
-    return sorted(p for p in bundle.rglob("*") if p.is_file())
-
-
-def warm(files: list[Path]) -> None:
-    for path in files:
-        with open(path, "rb", buffering=0) as handle:
-            while handle.read(1 << 24):
-                pass
+# MEASURED_PACK runs any bonsai-convert command (argv after the report path) and writes its own VmHWM (kB).
 
 
 def time_sha256sum(files: list[Path]) -> float:
@@ -53,7 +36,7 @@ def time_sha256sum(files: list[Path]) -> float:
 def time_verify(bundle: Path, report: Path) -> tuple[float, int, list[dict]]:
     """(seconds, peak RSS bytes, the checks of verify's JSON report)."""
     checks_json = report.with_suffix(".checks.json")
-    command = [sys.executable, "-c", MEASURED_VERIFY, str(report), "verify", str(bundle), "--no-generate"]
+    command = [sys.executable, "-c", MEASURED_PACK, str(report), "verify", str(bundle), "--no-generate"]
     command += ["--report", str(checks_json), "--kernels", "fallback"]
     start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True)
@@ -73,9 +56,9 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path, default=Path("bench-verify.json"))
     args = parser.parse_args()
-    files = bundle_files(args.bundle)
-    total = sum(p.stat().st_size for p in files)
-    warm(files)
+    files = files_of(args.bundle)
+    total = folder_bytes(args.bundle)
+    warm(args.bundle)
     samples = []
     for repeat in range(args.repeats):
         hash_seconds = time_sha256sum(files)
