@@ -104,28 +104,21 @@ def cpu_dequantized_bytes(out_features: int, in_features: int, tokens: int, dtyp
     return min(out_features, block_rows) * in_features * per_value + concatenated
 
 
+def linear_shapes(tensors: dict | None, is_linear) -> list[tuple[int, int]]:
+    """The distinct (out, in) shapes of the tensors (name → (shape, dtype)) whose name `is_linear` accepts."""
+    return sorted({(int(s[0]), int(s[1])) for name, (s, _) in (tensors or {}).items() if is_linear(name)})
+
+
 def transformer_linear_shapes(model) -> list[tuple[int, int]]:
     """(out, in) of every low-bit linear of the transformer."""
     from .lowbit import is_low_bit_key
 
-    return sorted({(int(s[0]), int(s[1])) for name, (s, _) in model.transformer.items() if is_low_bit_key(name)})
+    return linear_shapes(model.transformer, is_low_bit_key)
 
 
-def text_linear_shapes(config: dict | None) -> list[tuple[int, int]]:
-    """(out, in) of the Qwen3 linears (all 4-bit in the MLX bundles)."""
-    if not config:
-        return []
-    hidden, intermediate = int(config["hidden_size"]), int(config["intermediate_size"])
-    heads, kv_heads = int(config["num_attention_heads"]), int(config.get("num_key_value_heads", 0) or 0)
-    head_dim = int(config.get("head_dim") or hidden // heads)
-    kv = (kv_heads or heads) * head_dim
-    return [
-        (heads * head_dim, hidden),
-        (kv, hidden),
-        (hidden, heads * head_dim),
-        (intermediate, hidden),
-        (hidden, intermediate),
-    ]
+def text_linear_shapes(model) -> list[tuple[int, int]]:
+    """(out, in) of the Qwen3 linears, every `*_proj.weight` (all 4-bit in the MLX bundles)."""
+    return linear_shapes(model.text_encoder, lambda name: name.endswith("_proj.weight"))
 
 
 def cpu_linear_term(shapes: list[tuple[int, int]], tokens: int, dtype_bytes: int, bits: int) -> int:
@@ -166,7 +159,7 @@ def estimate_memory(
     if cpu:
         # Bonsai's transformer linears are 1- or 2-bit (the same per-weight cost), the text encoder's 4-bit
         denoise_act += cpu_linear_term(transformer_linear_shapes(model), image_tokens + text_tokens, dtype_bytes, 2)
-        text_act += cpu_linear_term(text_linear_shapes(model.text_encoder_config), text_tokens, dtype_bytes, 4)
+        text_act += cpu_linear_term(text_linear_shapes(model), text_tokens, dtype_bytes, 4)
     decode_act = vae_decode_activations(model.vae_config, width, height, profile["vae_tile"], dtype_bytes, cpu)
     # The first image, in the runtime's order: MLX reads weights on first use (mx.load is lazy), so the VAE's
     # arrive at the decode; the transformer is loaded after the prompt is encoded and the text encoder freed.
