@@ -92,12 +92,12 @@ def vae_decode_activations(
 def cpu_dequantized_bytes(out_features: int, in_features: int, tokens: int, dtype_bytes: int, bits: int = 4) -> int:
     """What one low-bit linear adds on MLX's CPU device (bonsai_mlx.cpu_layers.DequantizedLinear): a block of at
     most DENSE_CHUNK_VALUES dequantized weights at a time, plus, when the layer ran in blocks, the concatenated
-    output. Per weight of a block (measured): 1-/2-bit layers (unpacked with plain MLX ops) hold the dense block,
-    4-bit ones (`mx.dequantize`, which peaks at twice its output) twice that, and a 16-bit product is widened to
-    fp32 on top (1-/2-bit: 4 bytes in fp32, 6 in fp16/bf16; 4-bit: 8 and 10)."""
+    output. Per weight of a block (measured): 1-/2-bit layers (unpacked in one fused pass) hold just the dense
+    block (4 bytes in fp32, 2 in fp16/bf16); 4-bit ones (`mx.dequantize`, which peaks at twice its output, and a
+    16-bit product widened to fp32 on top) 8 and 10."""
     block_rows = max(1, DENSE_CHUNK_VALUES // in_features)
     if bits in (1, 2):
-        per_value = dtype_bytes + (4 if dtype_bytes < 4 else 0)
+        per_value = dtype_bytes
     else:
         per_value = 2 * dtype_bytes + (6 if dtype_bytes < 4 else 0)
     concatenated = tokens * out_features * dtype_bytes if out_features > block_rows else 0

@@ -30,7 +30,7 @@ PROMPT = "a bonsai tree on a rock, studio light"
 def mlx_side(bundle: Path, size: int, steps: int, dtype: str, max_sequence_length: int | None) -> dict:
     import bonsai_mlx  # first: loads the BLAS before MLX
     from bonsai_common import initial_noise
-    from bonsai_mlx import blas
+    from bonsai_mlx import allocator, blas
 
     start = time.perf_counter()
     pipeline = bonsai_mlx.load_pipeline(bundle, dtype=dtype, max_sequence_length=max_sequence_length)
@@ -41,6 +41,7 @@ def mlx_side(bundle: Path, size: int, steps: int, dtype: str, max_sequence_lengt
         "step_seconds": seconds,
         "load_and_encode_seconds": encoded - start,
         "blas": blas.loaded_blas(),
+        "freed_memory_kept": allocator.freed_memory_kept(),
     }
 
 

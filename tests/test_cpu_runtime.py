@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -94,3 +95,51 @@ def test_use_dense_kernels_swaps_only_on_cpu():
     assert use_dense_kernels(model, mx.gpu) == 0
     assert use_dense_kernels(model, mx.cpu) == 2
     assert all(type(m) is DequantizedLinear for m in model.layers)
+
+
+def test_polynomial_exp_is_within_two_ulps_over_the_float32_range():
+    from bonsai_mlx.cpu_math import EXP_INPUT_MAX, EXP_INPUT_MIN, exp_float32
+
+    x = np.concatenate([np.linspace(EXP_INPUT_MIN, EXP_INPUT_MAX, 200_001), [0.0, -1e-8, 1e-8, 0.5, -0.5]])
+    x = x.astype(np.float32)
+    got = np.array(exp_float32(mx.array(x))).astype(np.float64)
+    exact = np.exp(x.astype(np.float64))
+    assert np.max(np.abs(got - exact) / exact) < 2 * 2.0**-24
+    assert np.array(exp_float32(mx.array([0.0])))[0] == 1.0
+    low, high = np.array(exp_float32(mx.array([-1000.0, 1000.0])))  # clamped: never 0, never inf
+    assert 0 < low < 1.3e-38 and np.isfinite(high)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cpu_silu_and_attention_match_their_definitions(dtype):
+    from bonsai_mlx import cpu_math
+
+    assert cpu_math.on_cpu()
+    rng = np.random.default_rng(0)
+    gate, up = (rng.normal(size=(2, 33, 200)).astype(np.float32) * 6 for _ in range(2))
+    q, k, v = (rng.normal(size=(1, 3, 70, 16)).astype(np.float32) for _ in range(3))
+    as_mx = lambda a: mx.array(a).astype(getattr(mx, dtype))  # noqa: E731
+    tolerance = 1e-5 if dtype == "float32" else 2e-2
+    gate64 = np.array(as_mx(gate).astype(mx.float32), dtype=np.float64)
+    up64 = np.array(as_mx(up).astype(mx.float32), dtype=np.float64)
+    silu = gate64 / (1 + np.exp(-gate64))
+    got = cpu_math.silu_multiply(as_mx(gate), as_mx(up))
+    assert got.dtype == getattr(mx, dtype)
+    assert np.allclose(np.array(got.astype(mx.float32)), silu * up64, rtol=tolerance, atol=tolerance)
+    assert np.allclose(np.array(cpu_math.silu(as_mx(gate)).astype(mx.float32)), silu, rtol=tolerance, atol=tolerance)
+    q64, k64, v64 = (np.array(as_mx(a).astype(mx.float32), dtype=np.float64) for a in (q, k, v))
+    scores = q64 @ k64.swapaxes(-1, -2) * 0.25
+    weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    expected = weights / weights.sum(axis=-1, keepdims=True) @ v64
+    got = cpu_math.attention(as_mx(q), as_mx(k), as_mx(v), 0.25)
+    assert got.dtype == getattr(mx, dtype)
+    assert np.allclose(np.array(got.astype(mx.float32)), expected, rtol=tolerance, atol=tolerance)
+
+
+def test_freed_memory_is_kept_for_reuse_in_a_fresh_process():
+    """bonsai_mlx sets glibc's allocator up before MLX starts (bonsai_mlx/allocator.py); BONSAI_MLX_MALLOC=0 not."""
+    code = "import bonsai_mlx\nfrom bonsai_mlx import allocator\nprint(allocator.freed_memory_kept())\n"
+    for setting, expected in (("", sys.platform.startswith("linux")), ("0", False)):
+        env = {**os.environ, "BONSAI_MLX_MALLOC": setting, "PYTHONPATH": str(RUNTIME)}
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+        assert result.stdout.strip() == str(expected), result.stderr

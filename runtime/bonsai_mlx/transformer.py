@@ -18,6 +18,8 @@ import mlx.nn as nn
 import numpy as np
 
 from .cpu_layers import use_dense_kernels
+from .cpu_math import attention as softmax_attention
+from .cpu_math import silu, silu_multiply
 from .loading import apply_quantization, load_into, load_weights, read_json, to_dtype
 from .staging import staged
 
@@ -97,7 +99,7 @@ def layer_norm(x: mx.array, eps: float) -> mx.array:
 
 def attention(q: mx.array, k: mx.array, v: mx.array) -> mx.array:
     """Full (unmasked) softmax attention on (B, H, S, D), scale 1/sqrt(D), returned as (B, S, H·D)."""
-    out = mx.fast.scaled_dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5)
+    out = softmax_attention(q, k, v, scale=q.shape[-1] ** -0.5)
     batch, heads, seq, dim = out.shape
     return out.transpose(0, 2, 1, 3).reshape(batch, seq, heads * dim)
 
@@ -116,7 +118,7 @@ class TimestepEmbedding(nn.Module):
         self.linear_2 = nn.Linear(dim, dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.linear_2(nn.silu(self.linear_1(x)))
+        return self.linear_2(silu(self.linear_1(x)))
 
 
 class TimestepGuidanceEmbeddings(nn.Module):
@@ -147,7 +149,7 @@ class Modulation(nn.Module):
         self.linear = nn.Linear(dim, dim * 3 * sets, bias=False)
 
     def __call__(self, temb: mx.array) -> list[tuple[mx.array, mx.array, mx.array]]:
-        mod = self.linear(nn.silu(temb))[:, None, :]
+        mod = self.linear(silu(temb))[:, None, :]
         chunks = mx.split(mod, 3 * self.sets, axis=-1)
         return [tuple(chunks[3 * i : 3 * i + 3]) for i in range(self.sets)]  # type: ignore[misc]
 
@@ -163,7 +165,7 @@ class FeedForward(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         gate, up = mx.split(self.linear_in(x), 2, axis=-1)
-        return self.linear_out(nn.silu(gate) * up)
+        return self.linear_out(silu_multiply(gate, up))
 
 
 class JointAttention(nn.Module):
@@ -228,7 +230,7 @@ class ParallelSelfAttention(nn.Module):
         v = split_heads(v, d).transpose(0, 2, 1, 3)
         out = attention(apply_rope(q, *rope), apply_rope(k, *rope), v)
         gate, up = mx.split(mlp, 2, axis=-1)
-        return self.to_out(mx.concatenate([out, nn.silu(gate) * up], axis=-1))
+        return self.to_out(mx.concatenate([out, silu_multiply(gate, up)], axis=-1))
 
 
 def _clip_fp16(x: mx.array) -> mx.array:
@@ -291,7 +293,7 @@ class AdaLayerNormContinuous(nn.Module):
         self.linear = nn.Linear(dim, dim * 2, bias=False)
 
     def __call__(self, x: mx.array, temb: mx.array) -> mx.array:
-        scale, shift = mx.split(self.linear(nn.silu(temb).astype(x.dtype)), 2, axis=1)
+        scale, shift = mx.split(self.linear(silu(temb).astype(x.dtype)), 2, axis=1)
         return layer_norm(x, self.eps) * (1 + scale)[:, None, :] + shift[:, None, :]
 
 

@@ -17,6 +17,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .cpu_math import attention as softmax_attention
+from .cpu_math import silu
 from .loading import BundleError, load_into, read_json, to_dtype
 from .staging import staged
 
@@ -72,9 +74,9 @@ class ResnetBlock2D(nn.Module):
             self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1)
 
     def __call__(self, x: mx.array) -> mx.array:
-        h = staged(nn.silu(self.norm1(x)))
+        h = staged(silu(self.norm1(x)))
         h = staged(self.conv1(h))
-        h = staged(nn.silu(self.norm2(h)))
+        h = staged(silu(self.norm2(h)))
         h = staged(self.conv2(h))
         if "conv_shortcut" in self:
             x = staged(self.conv_shortcut(x))
@@ -100,13 +102,11 @@ class AttentionBlock(nn.Module):
         scale = channels**-0.5
         tokens = height * width
         if tokens <= ATTENTION_QUERY_CHUNK:
-            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
+            out = softmax_attention(q, k, v, scale=scale)
         else:
             parts = []
             for start in range(0, tokens, ATTENTION_QUERY_CHUNK):
-                part = mx.fast.scaled_dot_product_attention(
-                    q[:, :, start : start + ATTENTION_QUERY_CHUNK], k, v, scale=scale
-                )
+                part = softmax_attention(q[:, :, start : start + ATTENTION_QUERY_CHUNK], k, v, scale=scale)
                 mx.eval(part)
                 parts.append(part)
             out = mx.concatenate(parts, axis=2)
@@ -189,7 +189,7 @@ class Decoder(nn.Module):
         """The up blocks and the output head: latent resolution → pixels."""
         for block in self.up_blocks:
             x = block(x)
-        return self.conv_out(staged(nn.silu(self.conv_norm_out(x))))
+        return self.conv_out(staged(silu(self.conv_norm_out(x))))
 
     def __call__(self, z: mx.array) -> mx.array:
         return self.upsample(self.middle(z))
