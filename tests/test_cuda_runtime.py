@@ -191,6 +191,35 @@ def test_torch_decoder_agrees_with_numpy_codec() -> None:
         assert ours.tobytes() == codec.dequantize(state).tobytes()
 
 
+def test_float32_decode_is_shown_exact_on_our_layouts_and_falls_back_otherwise() -> None:
+    """The load-time shortcut (no float64 pass) says exact only where the float32 decode equals dequantize_state
+    bit for bit; an fp16 zero that makes q·s + z inexact in float32 goes through the float64 comparison."""
+    from bonsai_cuda.layers import check_layout, dequantize_fast, float32_decode_is_exact
+
+    rng = np.random.default_rng(7)
+    exact_states = []
+    for variant in ("binary", "ternary"):
+        codes = rng.choice(np.array((-1, 0, 1) if variant == "ternary" else (-1, 1), np.int8), size=(300, 256))
+        exact_states.append(codec.encode(codes, rng.uniform(1e-6, 3, (300, 2)).astype(np.float16), variant))
+    q = rng.integers(0, 16, (300, 256), dtype=np.uint8)
+    scales = rng.uniform(0.001, 0.1, (300, 4)).astype(np.float16)
+    exact_states.append(codec.encode_affine(q, scales, rng.uniform(0, 15, (300, 4)).astype(np.float16), 4, 64))
+    as_torch = lambda state: {key: torch.from_numpy(np.array(value)) for key, value in state.items()}  # noqa: E731
+    for state in map(as_torch, exact_states):
+        meta = check_layout(state)
+        assert float32_decode_is_exact(state, meta, rows_per_pass=128)
+        fast = dequantize_fast(state, meta, torch.float16)
+        assert torch.equal(fast.view(torch.int16), dequantize_state(state).view(torch.int16))
+    inexact = as_torch(exact_states[-1])
+    inexact["scales"][:, 0] = 1024.0  # 15 · 1024 + 2⁻²⁴·k needs more than float32's 24 bits
+    inexact["zeros"][:, 0] = torch.tensor(2.0**-24 * 3, dtype=torch.float16)
+    inexact["W_q"][:] = -1  # every code 15
+    meta = check_layout(inexact)
+    assert not float32_decode_is_exact(inexact, meta, rows_per_pass=128)
+    layer = GemliteDecodedLinear(inexact, torch.float32, "cpu", "inexact")
+    assert torch.equal(layer.dense_weight(), dequantize_state(inexact).to(torch.float32))
+
+
 def test_transformer_only_bundle_is_refused(tmp_path: Path) -> None:
     (tmp_path / "pipeline.json").write_text(json.dumps({"transformer_only": True}))
     with pytest.raises(BundleError, match="transformer-only"):

@@ -102,26 +102,63 @@ def dequantize_state(state: dict[str, torch.Tensor], name: str = "layer") -> tor
     return weight.to(torch.float16)
 
 
-def dequantize_fast(state: dict[str, torch.Tensor], meta: dict[str, int], dtype: torch.dtype) -> torch.Tensor:
-    """`dequantize_state` in float32 on the layer's device (no float64 pass), rounded to fp16, cast to `dtype`.
-
-    For the exact binary/ternary layouts every product and sum is exact in float32, so this equals
-    `dequantize_state` bit for bit; GemliteDecodedLinear checks that once per layer at load."""
-    group, mode, k, n = meta["group_size"], meta["W_group_mode"], meta["in_features"], meta["out_features"]
-    q = unpack_codes(state["W_q"], meta["W_nbits"], k).to(torch.float32).view(n, k // group, group)
-    scales = state["scales"].to(torch.float32).t()[:, :, None]
+def _float32_terms(state: dict[str, torch.Tensor], meta: dict[str, int], rows: slice = slice(None)):
+    """Codes (float32, transposed: [K/group, group, n]), scales and zeros ([K/group, 1, n] or a scalar) of
+    output rows `rows`, in the words' own K-major order (no strided copy)."""
+    group, k, nbits = meta["group_size"], meta["in_features"], meta["W_nbits"]
+    words = state["W_q"][:, rows]
+    shifts = torch.arange(PACKING_BITWIDTH // nbits, dtype=torch.int32, device=words.device) * nbits
+    fields = (words[:, None, :] >> shifts[None, :, None]).bitwise_and_(2**nbits - 1)  # [K/e, e, n] = [K, n]
+    q = fields.to(torch.float32).view(k // group, group, words.shape[1])
+    scales = state["scales"][:, rows].to(torch.float32)[:, None, :]
     zeros = state.get("zeros")
     if zeros is not None and zeros.dim() > 0:
-        zeros = zeros.to(torch.float32).t()[:, :, None]
+        zeros = zeros[:, rows].to(torch.float32)[:, None, :]
     elif zeros is not None:
         zeros = zeros.to(torch.float32)
+    return q, scales, zeros
+
+
+def dequantize_fast(state: dict[str, torch.Tensor], meta: dict[str, int], dtype: torch.dtype) -> torch.Tensor:
+    """`dequantize_state` in float32 on the layer's device (no float64 pass), rounded to fp16, cast to `dtype`:
+    the [N, K] weight as a transposed view of a K-major matrix (F.linear takes it without a copy).
+
+    Where every float32 product and sum is exact (`float32_decode_is_exact`: the binary, ternary and 4-bit
+    layouts we write) this equals `dequantize_state` bit for bit; GemliteDecodedLinear checks that at load."""
+    mode, k, n = meta["W_group_mode"], meta["in_features"], meta["out_features"]
+    q, scales, zeros = _float32_terms(state, meta)
     if mode == 4:
-        weight = q * scales + zeros
+        weight = q.mul_(scales).add_(zeros)
     elif mode == 2:
-        weight = q * scales
+        weight = q.mul_(scales)
     else:
-        weight = (q - zeros) * scales
-    return weight.view(n, k).to(torch.float16).to(dtype)
+        weight = q.sub_(zeros).mul_(scales)
+    return weight.view(k, n).to(torch.float16).to(dtype).t()
+
+
+def float32_decode_is_exact(state: dict[str, torch.Tensor], meta: dict[str, int], rows_per_pass: int = 2048) -> bool:
+    """Whether `dequantize_fast` computes every weight exactly before its one rounding to fp16 (so it equals the
+    float64 `dequantize_state`), decided without the float64 pass. A code q < 2⁸ times an fp16 scale is exact in
+    float32 (≤ 19 significant bits), and so is (q − z)·s for an integer zero point z (mode 3, a scalar int:
+    ternary); mode 4 adds fp16 zeros, checked per weight with the error-free sum (TwoSum: the float32 sum's
+    rounding error, computed exactly, must be 0). Other modes are not decided here (False). Rows are checked in
+    passes of `rows_per_pass` to bound the temporaries."""
+    mode, zeros = meta["W_group_mode"], state.get("zeros")
+    if meta["W_nbits"] > 8:
+        return False
+    if mode == 2 or (mode == 3 and zeros is not None and zeros.dim() == 0 and not zeros.is_floating_point()):
+        return bool(torch.isfinite(state["scales"]).all())
+    if mode != 4 or zeros is None or zeros.dim() == 0:
+        return False
+    for start in range(0, meta["out_features"], rows_per_pass):
+        q, scales, zeros_ = _float32_terms(state, meta, slice(start, start + rows_per_pass))
+        product = q * scales
+        total = product + zeros_
+        product_part = total - zeros_
+        error = (product - product_part) + (zeros_ - (total - product_part))
+        if not bool((error == 0).all()):  # NaN and inf fail here too
+            return False
+    return True
 
 
 class GemliteDecodedLinear(nn.Module):
@@ -129,8 +166,8 @@ class GemliteDecodedLinear(nn.Module):
 
     The packed tensors stay resident (1–2 bits per weight + scales) and the dense weight is made when the layer
     runs and dropped after, so a Klein-4B transformer needs ~1.4 GB of weights instead of 7.75 GB (fp16) or
-    15.5 GB (fp32). At load, the fast float32 decode is compared once with the float64 `dequantize_state`; a layer
-    where they differ (not an exact binary/ternary layout) keeps its decoded fp16 weight instead."""
+    15.5 GB (fp32). At load, the fast float32 decode is shown exact (`float32_decode_is_exact`) or else compared
+    once with the float64 `dequantize_state`; a layer where they differ keeps its decoded fp16 weight instead."""
 
     def __init__(self, state: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device | str, name: str = ""):
         super().__init__()
@@ -138,10 +175,13 @@ class GemliteDecodedLinear(nn.Module):
         self.meta = check_layout(cpu_state, name or "layer")
         self.out_features, self.in_features = self.meta["out_features"], self.meta["in_features"]
         self.compute_dtype = dtype
-        reference = dequantize_state(cpu_state, name or "layer")
-        if torch.equal(
-            dequantize_fast(cpu_state, self.meta, torch.float16).view(torch.int16), reference.view(torch.int16)
-        ):
+        reference = None
+        if not float32_decode_is_exact(cpu_state, self.meta):
+            reference = dequantize_state(cpu_state, name or "layer")
+            fast = dequantize_fast(cpu_state, self.meta, torch.float16)
+            if torch.equal(fast.view(torch.int16), reference.view(torch.int16)):
+                reference = None
+        if reference is None:
             for key in ("W_q", "scales", "zeros"):
                 if key in cpu_state:
                     self.register_buffer(key, cpu_state[key].to(device))
