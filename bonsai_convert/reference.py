@@ -58,10 +58,16 @@ def _codes_linear_class():
             scales16 = torch.from_numpy(np.ascontiguousarray(scales, dtype=np.float16))
             self.register_buffer("scales", scales16.to(dtype).to(device))
             self.compute_dtype = dtype
+            # code·scale is the same weight, bit for bit, when no scale is negative or −0.0 (code 0 → +0.0):
+            # two passes instead of five
+            self.multiply = bool(torch.isfinite(scales16).all()) and not bool(torch.signbit(scales16).any())
 
         def dense_weight(self):
             groups = self.in_features // 128
             codes = self.codes.view(self.out_features, groups, 128)
+            if self.multiply:
+                weight = codes.to(self.compute_dtype).mul_(self.scales[:, :, None])
+                return weight.view(self.out_features, self.in_features)
             magnitude = torch.where(codes != 0, self.scales[:, :, None], torch.zeros((), dtype=self.scales.dtype))
             weight = torch.where(codes < 0, -magnitude, magnitude)  # code 0 → +0.0, as dense_from_codes
             return weight.view(self.out_features, self.in_features)

@@ -41,6 +41,26 @@ def test_codes_transformer_same_weights(demo):
             assert torch.equal(module.dense_weight().view(torch.int32), expected.view(torch.int32)), name
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_codes_times_scales_is_the_signed_magnitude_bit_for_bit(dtype):
+    """The two-pass code·scale decode equals the where() form (code 0 → +0.0) when no scale is negative or −0;
+    a −0.0 scale keeps the where() form."""
+    from bonsai_convert.reference import _codes_linear_class
+
+    rng = np.random.default_rng(3)
+    codes = rng.choice(np.array([-1, 0, 1], np.int8), size=(6, 256))
+    scales = rng.uniform(0, 2, (6, 2)).astype(np.float16)
+    scales[0, 0] = 0.0
+    layer = _codes_linear_class()(codes, scales, dtype, "cpu")
+    assert layer.multiply
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    fast = layer.dense_weight()
+    layer.multiply = False
+    assert torch.equal(fast.view(bits), layer.dense_weight().view(bits))
+    scales[1, 1] = -0.0
+    assert not _codes_linear_class()(codes, scales, dtype, "cpu").multiply
+
+
 @pytest.mark.parametrize("target_name", ["iphone", "cuda"])
 def test_phased_reference_bit_identical(demo, target_name, monkeypatch):
     import bonsai_convert.reference as reference
