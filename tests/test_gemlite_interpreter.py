@@ -76,15 +76,35 @@ def test_gemlite_pack_writes_our_bytes(tmp_path: Path) -> None:
         assert case["equal"], case
 
 
-# The interpreted pipeline takes ~1.5–3 min per variant on 2 cores (mostly GEMM on the 4-bit text encoder):
-# CI runs binary; BONSAI_INTERPRETER_FULL=1 runs both. The per-layer test above covers both variants' kernels.
-GOLDEN_VARIANTS = VARIANTS if os.environ.get("BONSAI_INTERPRETER_FULL") == "1" else ("binary",)
+def test_gemlite_kernels_on_the_4bit_text_encoder_layers(demo_bundle, tmp_path: Path) -> None:
+    """The cuda bundle's 4-bit (A16W4, group 64) text-encoder linears (the same in both variants' bundles):
+    gemlite's production kernels at M = 1 and M = 64 on the first layer of each shape, against our decoder's dense
+    weight (the 4-bit codes are lossy, so there is no source weight to compare with; our decoder equals the
+    converter's numpy codec, test_cuda_runtime)."""
+    folder = bundle_folder(demo_bundle("binary", "cuda"), "text_encoder")
+    report = tmp_path / "text.json"
+    interpreter.run_child(
+        ["layers", str(folder), "--layers", "one-per-shape", "--every-kernel", "none", "--json", str(report)]
+    )
+    results = json.loads(report.read_text())["results"]
+    assert len({r["layer"] for r in results}) >= 3  # q/k/v/o and MLP shapes of Qwen3
+    assert {(r["rows"], r["kernel"]) for r in results} == {(1, "GEMV_REVSPLITK"), (64, "GEMM")}
+    for r in results:
+        assert r["finite"] and r["max_error"] <= TOLERANCE * r["scale"], r
+
+
+# The interpreted pipeline takes ~1.5–3 min per variant on 2 cores with the text encoder interpreted too (mostly
+# GEMM on its 4-bit layers, which the test above checks per layer): CI runs binary with the text encoder decoded;
+# BONSAI_INTERPRETER_FULL=1 runs both variants with every low-bit linear interpreted.
+FULL = os.environ.get("BONSAI_INTERPRETER_FULL") == "1"
+GOLDEN_VARIANTS = VARIANTS if FULL else ("binary",)
 
 
 @pytest.mark.parametrize("variant", GOLDEN_VARIANTS)
 def test_cuda_runtime_with_gemlite_kernels_reproduces_golden_image(demo_bundle, variant: str, tmp_path: Path) -> None:
-    """The whole CUDA runtime on the demo bundle, every low-bit linear (transformer and 4-bit text encoder) run by
-    gemlite's kernels in the interpreter (fp16 activations), against the golden record (fp32 reference)."""
+    """The whole CUDA runtime on the demo bundle, every low-bit linear of the transformer (and with
+    BONSAI_INTERPRETER_FULL=1 of the 4-bit text encoder) run by gemlite's kernels in the interpreter (fp16
+    activations), against the golden record (fp32 reference)."""
     from bonsai_convert.safetensors_io import SafetensorsFile
 
     bundle = demo_bundle(variant, "cuda")
@@ -98,7 +118,7 @@ def test_cuda_runtime_with_gemlite_kernels_reproduces_golden_image(demo_bundle, 
     interpreter.run_child(
         ["generate", str(bundle), "--prompt", record["prompt"], "--seed", str(record["seed"]),
          "--steps", str(record["steps"]), "--width", *size, "--noise", str(tmp_path / "noise.npy"),
-         "--npz", str(out)]
+         "--text-encoder", "interpreter" if FULL else "decoded", "--npz", str(out)]
     )  # fmt: skip
     result = np.load(out)
     calls = json.loads(str(result["calls"]))

@@ -401,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     image.add_argument("--width", type=int, default=64)
     image.add_argument("--height", type=int, default=64)
     image.add_argument("--dtype", choices=("float32", "float16"), default="float32")
+    image.add_argument("--text-encoder", choices=("interpreter", "decoded"), default="interpreter")
     image.add_argument("--noise", help="a .npy of the initial noise (1, 128, H/16, W/16); default: the shared noise")
     image.add_argument("--npz", required=True)
     args = parser.parse_args(argv)
@@ -419,7 +420,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from .pipeline import generate, load_pipeline
 
-    pipe = load_pipeline(args.bundle, device="cpu", dtype=getattr(torch, args.dtype), backend="interpreter")
+    pipe = load_pipeline(
+        args.bundle,
+        device="cpu",
+        dtype=getattr(torch, args.dtype),
+        backend="interpreter",
+        text_encoder_backend=args.text_encoder,
+    )
     started = time.perf_counter()
     noise = np.load(args.noise, allow_pickle=False) if args.noise else None
     result = generate(pipe, args.prompt, args.seed, args.steps, args.width, args.height, noise=noise)

@@ -158,8 +158,11 @@ def load_pipeline(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     backend: str = "auto",
+    text_encoder_backend: str | None = None,
 ):
     """Flux2KleinPipeline from a CUDA bundle; backend 'auto' = GemLite on CUDA with gemlite, else decoded.
+    `text_encoder_backend` (default: the same) runs the 4-bit text encoder's layers another way, e.g. decoded
+    while the transformer's run in gemlite's interpreted kernels.
 
     dtype: compute dtype of everything but the GemLite kernels (which take fp16 activations); default
     pipeline.json's compute_dtype on CUDA, float32 on CPU. The bundle's settings (and the backend) are kept in
@@ -192,7 +195,8 @@ def load_pipeline(
     transformer = load_component(Flux2Transformer2DModel, transformer_folder, backend, device, dtype)
     te_folder = root / folders["text_encoder"]
     if low_bit_prefixes_in(te_folder):
-        text_encoder = load_component(Qwen3ForCausalLM, te_folder, backend, device, dtype)
+        text_backend = text_encoder_backend or backend
+        text_encoder = load_component(Qwen3ForCausalLM, te_folder, text_backend, device, dtype)
     else:
         text_encoder = Qwen3ForCausalLM.from_pretrained(te_folder, dtype=dtype, use_safetensors=True).to(device).eval()
     vae_folder = root / folders["vae"]
