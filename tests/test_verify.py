@@ -23,22 +23,25 @@ def run_verify(bundle: Path, *extra: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize(
-    "variant,target",
+    "variant,target,kernels",
     [
-        ("binary", "iphone"),
-        ("ternary", "iphone"),
-        ("binary", "mac"),
-        ("ternary", "mac"),
-        ("binary", "cuda"),
-        ("ternary", "cuda"),
+        ("binary", "iphone", "auto"),
+        ("ternary", "iphone", "auto"),
+        ("binary", "mac", "auto"),
+        ("ternary", "mac", "auto"),
+        ("binary", "cuda", "auto"),  # gemlite's kernels in the interpreter on every layer (when installed)
+        ("ternary", "cuda", "fallback"),  # its kernels: test_gemlite_interpreter.py, both variants
     ],
 )
-def test_untouched_bundle_passes_with_psnr(demo_bundle, variant, target):
-    report = verify_bundle(demo_bundle(variant, target), VerifyOptions())
+def test_untouched_bundle_passes_with_psnr(demo_bundle, variant, target, kernels):
+    report = verify_bundle(demo_bundle(variant, target), VerifyOptions(kernels=kernels))
     jsonschema.validate(report, load_schema("verify_report"))
     assert report["passed"], report["checks"]
     assert report["psnr_db"] is not None and report["psnr_db"] >= 40.0
     assert report["generation_checked"] is True
+    if target == "cuda" and kernels == "fallback":
+        (check,) = [c for c in report["checks"] if c["name"] == "gemlite kernels"]
+        assert check["status"] == "skipped"
 
 
 def test_cli_report_and_comparison_image(demo_bundle, tmp_path):
