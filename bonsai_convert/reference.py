@@ -4,7 +4,7 @@ Two ways to run it, with the same numbers (tests/test_reference.py checks them b
 - `reference_pipeline` + `run_reference`: the whole pipeline in memory at once (text encoder + dense transformer:
   ~16 GB in half precision for Klein 4B);
 - `run_reference_phased`: the deployment order, within a 16 GB laptop (Klein 4B, fp32 at 256²: `pack --target
-  iphone` peaks at 6.9 GB RSS, 6.5 GB anonymous, scripts/results/full-chain-iphone.json):
+  iphone` peaks at 6.3 GB RSS, 5.9 GB anonymous, scripts/results/full-chain.json):
   (1) the text encoder, cut after the deepest layer whose hidden states are used, is loaded, encodes the prompt and
   is freed; (2) the transformer is built with each low-bit linear held as int8 codes + scales (`CodesLinear`): its
   dense weight — the same values as the whole-model path's — exists only while that layer runs; then the VAE
