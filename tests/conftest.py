@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import os
 import tempfile
 from pathlib import Path
@@ -10,6 +12,7 @@ import pytest
 
 # verify records go to a throw-away cache, never to the user's ~/.cache
 os.environ["BONSAI_CONVERT_CACHE"] = tempfile.mkdtemp(prefix="bonsai-test-cache-")
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
 @pytest.fixture(scope="session")
@@ -51,3 +54,19 @@ def bundle_folder(bundle: Path, component: str) -> Path:
 
     folders = json.loads((bundle / "pipeline.json").read_text()).get("folders", {})
     return bundle / folders.get(component, component)
+
+
+def load_script(name: str):
+    """scripts/NAME.py imported as a module (the benchmarks are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tree_digest(folder: Path) -> str:
+    """One sha256 over every file below folder: relative path, NUL, bytes, in sorted order."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import tree_digest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -150,13 +151,6 @@ def test_writer_hashes_what_it_writes_in_any_order(tmp_path, monkeypatch, pendin
     assert writer.sha256 == hashlib.sha256((tmp_path / "f.safetensors").read_bytes()).hexdigest()
 
 
-def tree_digest(folder: Path) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(path.relative_to(folder).as_posix().encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()
-
-
 @pytest.fixture(scope="module")
 def klein_width_ternary(tmp_path_factory):
     import subprocess
@@ -189,14 +183,9 @@ def test_reference_switch_is_read_from_the_environment():
     assert kernels.ENABLED == (os.environ.get("BONSAI_CONVERT_REFERENCE", "") != "1")
 
 
-@pytest.mark.parametrize("trial", range(24))
-def test_text_encoder_4bit_kernels_equal_the_numpy_references(trial):
-    import warnings
-
-    from bonsai_convert.targets import cuda
-    from bonsai_convert.targets import mlx as mlx_target
-
-    rng = np.random.default_rng(trial)
+def random_text_values(rng: np.random.Generator, trial: int) -> np.ndarray:
+    """A random float32 text-encoder weight, 64-wide groups, with the trial's hard cases: a constant group (every
+    3rd trial), 20 % zeros (4th), a last row of -0.0 (5th)."""
     rows, cols = int(rng.integers(1, 40)), 64 * int(rng.integers(1, 6))
     values = (rng.standard_normal((rows, cols)) * 10.0 ** rng.integers(-6, 3)).astype(np.float32)
     if trial % 3 == 0:
@@ -205,6 +194,27 @@ def test_text_encoder_4bit_kernels_equal_the_numpy_references(trial):
         values[rng.random(values.shape) < 0.2] = 0
     if trial % 5 == 0:
         values[-1, :] = -0.0  # a zero minimum of either sign
+    return values
+
+
+def same_bytes(arrays: tuple, references: tuple) -> bool:
+    """Every array has its reference's dtype and bytes (NaN patterns and -0.0 included)."""
+    return all(
+        a.dtype == b.dtype and np.array_equal(a.view(np.uint8), b.view(np.uint8))
+        for a, b in zip(arrays, references, strict=True)
+    )
+
+
+@pytest.mark.parametrize("trial", range(24))
+def test_text_encoder_4bit_kernels_equal_the_numpy_references(trial):
+    import warnings
+
+    from bonsai_convert.targets import cuda
+    from bonsai_convert.targets import mlx as mlx_target
+
+    rng = np.random.default_rng(trial)
+    values = random_text_values(rng, trial)
+    if trial % 5 == 0:
         values[-1, 3] = 0.0
     if trial % 7 == 0:
         values[0, 5] = np.float32(1e30)
@@ -220,17 +230,11 @@ def test_text_encoder_4bit_kernels_equal_the_numpy_references(trial):
             if isinstance(reference, str):
                 assert fast == reference
                 continue
-            assert all(
-                a.dtype == b.dtype and np.array_equal(a.view(np.uint8), b.view(np.uint8))
-                for a, b in zip(fast, reference, strict=True)
-            )
+            assert same_bytes(fast, reference)
         if not np.isnan(values).any():
             half = values.astype(np.float16)
             fast, reference = cuda.quantize_affine_4bit(half), cuda.quantize_affine_4bit_reference(half)
-            assert all(
-                a.dtype == b.dtype and np.array_equal(a.view(np.uint8), b.view(np.uint8))
-                for a, b in zip(fast, reference, strict=True)
-            )
+            assert same_bytes(fast, reference)
 
 
 @pytest.mark.parametrize("trial", range(16))
@@ -245,14 +249,7 @@ def test_text_encoder_from_stored_patterns_equals_the_widened_path(trial, stored
 
     target = make_target(target_name, None)
     rng = np.random.default_rng(100 + trial)
-    rows, cols = int(rng.integers(1, 40)), 64 * int(rng.integers(1, 6))
-    values = (rng.standard_normal((rows, cols)) * 10.0 ** rng.integers(-6, 3)).astype(np.float32)
-    if trial % 3 == 0:
-        values[0, :64] = 0  # a constant group
-    if trial % 4 == 0:
-        values[rng.random(values.shape) < 0.2] = 0
-    if trial % 5 == 0:
-        values[-1, :] = -0.0  # a zero minimum of either sign
+    values = random_text_values(rng, trial)
     bits = (values.view(np.uint32) >> 16).astype(np.uint16)  # bf16 by truncation: any pattern will do
     if stored_dtype == "F16":
         bits = values.astype(np.float16).view(np.uint16)

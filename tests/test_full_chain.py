@@ -11,35 +11,24 @@ golden image regenerate at ≥ 40 dB.
 To stay within a few minutes on 2 cores the prompt length is recorded as MAX_SEQUENCE_LENGTH tokens at synthesis
 (`--max-sequence-length`; Klein's 512 dominate the text encoder's and the transformer's cost) and the golden image
 is GOLDEN_SIZE² (`--golden-size`; full-size default 256²). The full-scale run is the script, by hand
-(scripts/results/full-chain-*.json).
+(scripts/results/full-chain.json).
 
-Measured on 2 cores shared with another test run (load ~3): 546 s in all — synthesis ~40 s, pack iphone 35 s,
-verify iphone 27 s, pack cuda 58 s, verify cuda 373 s, of which gemlite's kernels in the Triton interpreter 213 s
-(one layer per shape: widths are Klein's, so verify samples as on a full-size transformer); peak RSS 3.7 GB (pack),
-5.9 GB (cuda verify); 459 s within the whole suite beside a full-scale pack. pyproject has no marker that
-deselects slow tests, so it runs with the suite.
+252 s in a clean-clone `.ci/run` on 2 cores (the other xdist worker running the rest of the suite), synthesis
+included (the largest process of that whole run peaked at 5.7 GB RSS). pyproject has no marker that deselects
+slow tests, so it runs with the suite.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-from pathlib import Path
 
 import pytest
+from conftest import load_script
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 SCALE = 0.01
 MAX_SEQUENCE_LENGTH = 64
 GOLDEN_SIZE = 64
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

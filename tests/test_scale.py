@@ -3,12 +3,12 @@ and pack's peak memory does not grow with the model."""
 
 from __future__ import annotations
 
-import hashlib
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_script, tree_digest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "make_synthetic_checkpoint.py"
@@ -37,25 +37,9 @@ def synthetic(out: Path, variant: str, singles: int, heads: int = 5, seed: int =
     return out
 
 
-def tree_digest(folder: Path) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(path.relative_to(folder).as_posix().encode() + path.read_bytes())
-    return digest.hexdigest()
-
-
 # Peak RSS of the pack process itself: VmHWM of its own address space, read at exit. (The rusage of a child from
 # wait4 is no good here: Linux keeps the pre-exec high-water mark, i.e. the size of the forking pytest process.)
-MEASURED_PACK = (
-    "import atexit, sys\n"
-    "def report(path):\n"
-    "    status = open('/proc/self/status').read()\n"
-    "    open(path, 'w').write(status.split('VmHWM:')[1].split()[0])\n"
-    "atexit.register(report, sys.argv[1])\n"
-    "sys.argv = ['bonsai-convert'] + sys.argv[2:]\n"
-    "from bonsai_convert.cli import main\n"
-    "main()\n"
-)
+MEASURED_PACK = load_script("bench_pack").MEASURED_PACK
 
 
 def pack_measured(source: Path, target: str, out: Path) -> int:
