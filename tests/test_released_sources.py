@@ -160,7 +160,8 @@ def test_released_mlx_pack_to_cuda_regenerates_its_golden_image(mlx_release, tmp
     from bonsai_convert.verify import VerifyOptions, verify_bundle
 
     pack(str(mlx_release), tmp_path / "cuda", PackOptions(target="cuda"))
-    report = verify_bundle(tmp_path / "cuda", VerifyOptions())
+    # the image through the CPU fallback; gemlite's kernels on these layers: test_gemlite_interpreter.py (~35 s)
+    report = verify_bundle(tmp_path / "cuda", VerifyOptions(kernels="fallback"))
     assert report["passed"] and report["psnr_db"] > 40, report
 
 
