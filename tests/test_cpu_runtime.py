@@ -136,6 +136,29 @@ def test_cpu_silu_and_attention_match_their_definitions(dtype):
     assert np.allclose(np.array(got.astype(mx.float32)), expected, rtol=tolerance, atol=tolerance)
 
 
+def test_cpu_silu_and_attention_in_slices_are_bit_identical_and_bounded(monkeypatch):
+    """Sliced along axis 1 (tokens, heads) at CHUNK_VALUES, silu, silu_multiply and attention give the whole-array
+    values bit for bit (every value depends on its own slice only), and the exp's intermediates stay per slice:
+    the peak over the output is below two outputs (whole: ~5 input-sized arrays, mx.compile's depth limit)."""
+    from bonsai_mlx import cpu_math
+
+    rng = np.random.default_rng(1)
+    gate, up = (mx.array(rng.normal(size=(1, 512, 2048)).astype(np.float32) * 6) for _ in range(2))
+    q, k, v = (mx.array(rng.normal(size=(1, 8, 256, 32)).astype(np.float32)) for _ in range(3))
+    mx.eval(gate, up, q, k, v)
+    whole = [cpu_math.silu(gate), cpu_math.silu_multiply(gate, up), cpu_math.attention(q, k, v, 0.2)]
+    mx.eval(*whole)
+    monkeypatch.setattr(cpu_math, "CHUNK_VALUES", 1 << 16)
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    sliced = cpu_math.silu_multiply(gate, up)
+    mx.eval(sliced)
+    assert mx.get_peak_memory() - base < 2.2 * sliced.nbytes
+    sliced = [cpu_math.silu(gate), sliced, cpu_math.attention(q, k, v, 0.2)]
+    for a, b in zip(whole, sliced, strict=True):
+        assert np.array_equal(np.array(a), np.array(b))
+
+
 def test_freed_memory_is_kept_for_reuse_in_a_fresh_process():
     """bonsai_mlx sets glibc's allocator up before MLX starts (bonsai_mlx/allocator.py); BONSAI_MLX_MALLOC=0 not."""
     code = "import bonsai_mlx\nfrom bonsai_mlx import allocator\nprint(allocator.freed_memory_kept())\n"

@@ -24,6 +24,7 @@ LN2_HIGH = 0.693145751953125  # ln 2 = LN2_HIGH + LN2_LOW; LN2_HIGH has 16 signi
 LN2_LOW = 1.428606820309417e-06
 EXP_INPUT_MIN = -87.3  # 2ⁿ stays a normal float32: n ≥ −126
 EXP_INPUT_MAX = 88.0  # e^88 < float32 max
+CHUNK_VALUES = 1 << 22  # values per slice of the CPU's exp-based functions (16 MB in fp32)
 TAYLOR = (1.0, 1.0, 1 / 2, 1 / 6, 1 / 24, 1 / 120, 1 / 720, 1 / 5040)
 
 
@@ -62,23 +63,59 @@ def on_cpu() -> bool:
     return mx.default_device() == mx.cpu
 
 
+def _along_axis_1(function, arrays: tuple[mx.array, ...], values_per_index: int) -> mx.array:
+    """function(*arrays) on slices of axis 1 of at most CHUNK_VALUES values (at least one index each),
+    concatenated. mx.compile fuses at most 11 ops in depth (mlx/compile.cpp), so the exp's polynomial runs as
+    several kernels whose intermediates (x, n, r, the polynomial) are whole arrays alive at once: 5 arrays of the
+    input's size for one exp. In slices, each evaluated before the next is built (left lazy, MLX runs every
+    slice's first kernel before any second one: the same peak), they are CHUNK_VALUES each; only the output is
+    whole (twice, with the concatenation)."""
+    step = max(1, CHUNK_VALUES // max(1, values_per_index))
+    length = arrays[0].shape[1]
+    if length <= step:
+        return function(*arrays)
+    parts = []
+    for start in range(0, length, step):
+        parts.append(function(*(a[:, start : start + step] for a in arrays)))
+        mx.eval(parts[-1])
+    return mx.concatenate(parts, axis=1)
+
+
+def _values_per_index(x: mx.array) -> int:
+    return x.size // max(1, x.shape[1]) if x.ndim > 1 else 1
+
+
 def silu(x: mx.array) -> mx.array:
     """x·sigmoid(x)."""
-    return _silu(x) if on_cpu() else nn.silu(x)
+    if not on_cpu():
+        return nn.silu(x)
+    return _along_axis_1(_silu, (x,), _values_per_index(x)) if x.ndim > 1 else _silu(x)
 
 
 def silu_multiply(gate: mx.array, up: mx.array) -> mx.array:
     """SwiGLU's silu(gate)·up, in one pass on the CPU."""
-    return _silu_multiply(gate, up) if on_cpu() else nn.silu(gate) * up
+    if not on_cpu():
+        return nn.silu(gate) * up
+    return (
+        _along_axis_1(_silu_multiply, (gate, up), _values_per_index(gate))
+        if gate.ndim > 1
+        else _silu_multiply(gate, up)
+    )
+
+
+def _attention_heads(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+    scores = (q.astype(mx.float32) * scale) @ k.astype(mx.float32).swapaxes(-1, -2)
+    weights = _shifted_exp(scores, mx.max(scores, axis=-1, keepdims=True))
+    out = (weights @ v.astype(mx.float32)) / mx.sum(weights, axis=-1, keepdims=True)
+    return out.astype(v.dtype)
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
     """Unmasked softmax(q·kᵀ·scale)·v on (B, H, S, D), as MLX's CPU fallback of scaled_dot_product_attention
     computes it (scale q, matmul, float32 softmax, matmul), with `exp_float32` and the normalisation applied
-    after the second matmul (one division per output value instead of per score)."""
+    after the second matmul (one division per output value instead of per score); on the CPU a few heads at a
+    time, so that the scores and the exp's intermediates are at most CHUNK_VALUES per array."""
     if not on_cpu():
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
-    scores = (q.astype(mx.float32) * scale) @ k.astype(mx.float32).swapaxes(-1, -2)
-    weights = _shifted_exp(scores, mx.max(scores, axis=-1, keepdims=True))
-    out = (weights @ v.astype(mx.float32)) / mx.sum(weights, axis=-1, keepdims=True)
-    return out.astype(v.dtype)
+    scores_per_head = q.shape[0] * q.shape[2] * k.shape[2]
+    return _along_axis_1(lambda *a: _attention_heads(*a, scale), (q, k, v), scores_per_head)
