@@ -2,14 +2,14 @@
 
 MLX's Linux CPU build computes `mx.exp` one element at a time with its own approximation: 16–25 ns per value
 (`mx.sigmoid`, `mx.tanh`, `mx.softmax` alike) against ~1 ns for a multiply, and up to ~55 ulps from the correctly
-rounded value. A Klein step at 256² evaluates ~10⁸ exponentials (SwiGLU of every block, softmax over 768² scores
-per head per block): about 2 s of each step went there. `exp_float32` is the textbook float32 exp written with
-MLX's elementwise ops under `mx.compile`, which fuses it into a few loops (at most 11 ops deep each): range
-reduction x = n·ln2 + r (ln2 split in two for Cody–Waite, |r| ≤ ln2/2), the degree-7 Taylor polynomial of e^r
-(truncation < 2⁻²⁷ relative), and 2ⁿ
-built in the exponent bits. Measured: 5.7 ns per value and ≤ 1.7 × 2⁻²⁴ relative error against float64 (mx.exp:
-15.7 ns, 3.3 × 10⁻⁶). Inputs are clamped to [−87.3, 88], so the result is never 0 or inf: below −87.3 it is
-~1.22 × 10⁻³⁸ instead of a subnormal or 0 — invisible in a softmax over at least one exp(0) and in 1 + exp(−x).
+rounded value. A Klein step at 256² evaluates ~10⁸ exponentials (SwiGLU of every block, softmax over 768² scores per
+head per block): about 2 s of each step went there. `exp_float32` is the textbook float32 exp written with MLX's
+elementwise ops under `mx.compile`, which fuses it into a few loops (at most 11 ops deep each): range reduction x =
+n·ln2 + r (ln2 split in two for Cody–Waite, |r| ≤ ln2/2), the degree-7 Taylor polynomial of e^r (truncation < 2⁻²⁷
+relative), and 2ⁿ built in the exponent bits. Measured: 5.7 ns per value and ≤ 1.7 × 2⁻²⁴ relative error against
+float64 (mx.exp: 15.7 ns, 3.3 × 10⁻⁶). Inputs are clamped to [−87.3, 88], so the result is never 0 or inf: below
+−87.3 it is ~1.22 × 10⁻³⁸ instead of a subnormal or 0 — invisible in a softmax over at least one exp(0) and in 1 +
+exp(−x).
 
 `silu` and `attention` use it on the CPU device and are MLX's own (`nn.silu`, `mx.fast.scaled_dot_product_attention`)
 on a GPU, where those are fast. Both compute in float32 and return the input's dtype. On the CPU they run on
