@@ -13,7 +13,7 @@ To stay within a few minutes on 2 cores the prompt length is recorded as MAX_SEQ
 is GOLDEN_SIZE² (`--golden-size`; full-size default 256²). The full-scale run is the script, by hand
 (scripts/results/full-chain.json).
 
-252 s in a clean-clone `.ci/run` on 2 cores (the other xdist worker running the rest of the suite), synthesis
+181 s in a clean-clone `.ci/run` on 2 cores (the other xdist worker running the rest of the suite), synthesis
 included (the largest process of that whole run peaked at 5.7 GB RSS). pyproject has no marker that deselects
 slow tests, so it runs with the suite.
 """
