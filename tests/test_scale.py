@@ -8,10 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import load_script, tree_digest
+from conftest import SCRIPTS, load_script, tree_digest
 
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "scripts" / "make_synthetic_checkpoint.py"
+SCRIPT = SCRIPTS / "make_synthetic_checkpoint.py"
 
 
 def synthetic(out: Path, variant: str, singles: int, heads: int = 5, seed: int = 0) -> Path:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from .staging import staged_slices
+
 DENSE_CHUNK_VALUES = 1 << 24  # dequantized weight values per matmul (64 MB in fp32)
 EXACT_BITS = (1, 2)  # Bonsai's binary / ternary layers: scale·q + bias is exact, however it is computed
 
@@ -68,15 +70,7 @@ class DequantizedLinear(nn.QuantizedLinear):
         out_features = self["weight"].shape[0]
         in_features = self["scales"].shape[1] * self.group_size
         block = max(1, DENSE_CHUNK_VALUES // in_features)
-        if out_features <= block:
-            out = mx.matmul(x, self._dense(slice(None), x.dtype).T)
-        else:
-            parts = []
-            for start in range(0, out_features, block):
-                part = mx.matmul(x, self._dense(slice(start, start + block), x.dtype).T)
-                mx.eval(part)
-                parts.append(part)
-            out = mx.concatenate(parts, axis=-1)
+        out = staged_slices(lambda rows: mx.matmul(x, self._dense(rows, x.dtype).T), out_features, block, axis=-1)
         if "bias" in self:
             out = out + self["bias"]
         return out

@@ -21,6 +21,8 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from .staging import staged_slices
+
 LOG2E = 1.4426950408889634
 LN2_HIGH = 0.693145751953125  # ln 2 = LN2_HIGH + LN2_LOW; LN2_HIGH has 16 significant bits, so n·LN2_HIGH is exact
 LN2_LOW = 1.428606820309417e-06
@@ -66,21 +68,15 @@ def on_cpu() -> bool:
 
 
 def _along_axis_1(function, arrays: tuple[mx.array, ...], values_per_index: int) -> mx.array:
-    """function(*arrays) on slices of axis 1 of at most CHUNK_VALUES values (at least one index each),
-    concatenated. mx.compile fuses at most 11 ops in depth (mlx/compile.cpp), so the exp's polynomial runs as
-    several kernels whose intermediates (x, n, r, the polynomial) are whole arrays alive at once: 5 arrays of the
-    input's size for one exp. In slices, each evaluated before the next is built (left lazy, MLX runs every
-    slice's first kernel before any second one: the same peak), they are CHUNK_VALUES each; only the output is
-    whole (twice, with the concatenation)."""
-    step = max(1, CHUNK_VALUES // max(1, values_per_index))
-    length = arrays[0].shape[1]
-    if length <= step:
+    """function(*arrays) on slices of axis 1 of at most CHUNK_VALUES values (at least one index each), each
+    evaluated before the next (`staged_slices`). mx.compile fuses at most 11 ops in depth (mlx/compile.cpp), so the
+    exp's polynomial runs as several kernels whose intermediates (x, n, r, the polynomial) are whole arrays alive at
+    once: 5 arrays of the input's size for one exp. In slices they are CHUNK_VALUES each; only the output is whole
+    (twice, with the concatenation)."""
+    if arrays[0].ndim < 2:
         return function(*arrays)
-    parts = []
-    for start in range(0, length, step):
-        parts.append(function(*(a[:, start : start + step] for a in arrays)))
-        mx.eval(parts[-1])
-    return mx.concatenate(parts, axis=1)
+    step = max(1, CHUNK_VALUES // max(1, values_per_index))
+    return staged_slices(lambda s: function(*(a[:, s] for a in arrays)), arrays[0].shape[1], step, axis=1)
 
 
 def _values_per_index(x: mx.array) -> int:
@@ -89,20 +85,12 @@ def _values_per_index(x: mx.array) -> int:
 
 def silu(x: mx.array) -> mx.array:
     """x·sigmoid(x)."""
-    if not on_cpu():
-        return nn.silu(x)
-    return _along_axis_1(_silu, (x,), _values_per_index(x)) if x.ndim > 1 else _silu(x)
+    return _along_axis_1(_silu, (x,), _values_per_index(x)) if on_cpu() else nn.silu(x)
 
 
 def silu_multiply(gate: mx.array, up: mx.array) -> mx.array:
     """SwiGLU's silu(gate)·up, in one pass on the CPU."""
-    if not on_cpu():
-        return nn.silu(gate) * up
-    return (
-        _along_axis_1(_silu_multiply, (gate, up), _values_per_index(gate))
-        if gate.ndim > 1
-        else _silu_multiply(gate, up)
-    )
+    return _along_axis_1(_silu_multiply, (gate, up), _values_per_index(gate)) if on_cpu() else nn.silu(gate) * up
 
 
 def _attention_heads(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:

@@ -10,6 +10,8 @@ gives the same values; formats/memory.md models the stage-by-stage peaks.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import mlx.core as mx
 
 
@@ -17,3 +19,15 @@ def staged(*arrays: mx.array) -> mx.array:
     """Evaluate now; returns the (first) array, so a stage reads `h = staged(layer(h))`."""
     mx.eval(*arrays)
     return arrays[0]
+
+
+def staged_slices(part: Callable[[slice], mx.array], length: int, step: int, axis: int) -> mx.array:
+    """part(s) for consecutive slices s of range(length), `step` long, each evaluated before the next is built
+    (left lazy, MLX may run every slice's first kernel before any second one and hold all their temporaries),
+    concatenated along `axis`; part(slice(None)), unevaluated, when one slice covers it all."""
+    if length <= step:
+        return part(slice(None))
+    parts = []
+    for start in range(0, length, step):
+        parts.append(staged(part(slice(start, start + step))))
+    return mx.concatenate(parts, axis=axis)
