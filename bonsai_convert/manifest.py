@@ -86,7 +86,7 @@ def build_manifest(
     model: ModelDescription,
     dense_dtype: str = "F16",
 ) -> dict:
-    """Write manifest.json for the bundle at root (validated against schemas/manifest.schema.json)."""
+    """Write manifest.json for the bundle at root (validated against the manifest schema)."""
     entries = bundle_entries(root)
     low_bit_weights = sum(numel(t.shape) for t in source.tensors if t.low_bit)
     transformer_weights = sum(numel(t.shape) for t in source.tensors)

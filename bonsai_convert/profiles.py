@@ -1,15 +1,14 @@
-"""Device profiles: data in data/profiles.json, validated by schemas/profiles.schema.json."""
+"""Device profiles: data in data/profiles.json, validated by data/schemas/profiles.schema.json (in the package)."""
 
 from __future__ import annotations
 
 import json
 from functools import lru_cache
-from pathlib import Path
 
 from .errors import UsageError
-from .schemas import validate
+from .schemas import package_data, validate
 
-PROFILES_PATH = Path(__file__).resolve().parent / "data" / "profiles.json"
+PROFILES_DATA = "data/profiles.json"  # inside the bonsai_convert package
 MLX_TARGETS = ("iphone", "ipad", "mac")
 TARGETS = ("packed", *MLX_TARGETS, "cuda")
 
@@ -17,8 +16,8 @@ TARGETS = ("packed", *MLX_TARGETS, "cuda")
 @lru_cache(maxsize=1)
 def all_profiles() -> dict[str, dict]:
     """Every profile, validated."""
-    data = json.loads(PROFILES_PATH.read_text())
-    validate(data, "profiles", str(PROFILES_PATH))
+    data = json.loads(package_data(PROFILES_DATA))
+    validate(data, "profiles", f"bonsai_convert/{PROFILES_DATA}")
     return data["profiles"]
 
 

@@ -1,22 +1,27 @@
-"""JSON Schemas of schemas/ and validation with a one-line error."""
+"""The JSON Schemas shipped in the package (bonsai_convert/data/schemas/) and validation with a one-line error."""
 
 from __future__ import annotations
 
 import json
 from functools import cache
-from pathlib import Path
+from importlib import resources
 
 import jsonschema
 
 from .errors import InputError
 
-SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
+SCHEMA_PACKAGE_DIR = "data/schemas"  # inside the bonsai_convert package; read with importlib.resources
+
+
+def package_data(relative: str) -> str:
+    """The text of a data file shipped inside bonsai_convert (works from a wheel, an sdist or a checkout)."""
+    return resources.files("bonsai_convert").joinpath(relative).read_text(encoding="utf-8")
 
 
 @cache
 def load_schema(name: str) -> dict:
-    """schemas/<name>.schema.json."""
-    return json.loads((SCHEMA_DIR / f"{name}.schema.json").read_text())
+    """data/schemas/<name>.schema.json."""
+    return json.loads(package_data(f"{SCHEMA_PACKAGE_DIR}/{name}.schema.json"))
 
 
 def validate(instance: object, schema_name: str, label: str) -> None:

@@ -424,7 +424,7 @@ def check_golden(bundle: Path, manifest: dict, options: VerifyOptions, checks: C
 
 
 def verify_bundle(bundle: Path, options: VerifyOptions) -> dict:
-    """All checks; returns the report (schemas/verify_report.schema.json)."""
+    """All checks; returns the report (bonsai_convert/data/schemas/verify_report.schema.json)."""
     bundle = Path(bundle)
     checks = Checks()
     psnr_value = None

@@ -280,7 +280,7 @@ def check_manifest(data: bytes) -> None:
 
 
 def test_manifest_template_is_valid() -> None:
-    """The fuzzing template passes load_manifest (else update it to schemas/manifest.schema.json)."""
+    """The fuzzing template passes load_manifest (else update it to the manifest schema)."""
     check_manifest(json.dumps(MANIFEST_TEMPLATE).encode())
     assert load_manifest(_WORK / "bundle")["files"][0]["path"] == "pipeline.json"
 

@@ -99,7 +99,7 @@ def hub() -> Iterator[FakeHub]:
 
 
 def _report(bundle: Path, psnr: float | None = 41.237) -> dict:
-    """A passing verify report as `bonsai-convert verify` writes it (schemas/verify_report.schema.json)."""
+    """A passing verify report as `bonsai-convert verify` writes it (the verify_report schema)."""
     manifest = json.loads((bundle / "manifest.json").read_text())
     report = {
         "bundle": str(bundle),

@@ -1,0 +1,44 @@
+"""Refactors move code, not bytes: every demo bundle, manifest and golden record included, is byte-identical to the
+one recorded before the package was reorganised (tests/corpus/demo_bundle_digests.json, written by the converter
+at commit 4dd5be7 from `demo:binary` / `demo:ternary`, seed 0, default options, one pack per target).
+
+A change that alters a bundle on purpose (a new manifest field, a new layout) must re-record the file and say why
+in its commit; any other difference is a regression.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from bonsai_convert.pack import PackOptions, pack
+from bonsai_convert.profiles import TARGETS
+
+RECORDED = json.loads((Path(__file__).parent / "corpus" / "demo_bundle_digests.json").read_text())
+
+
+def file_digests(bundle: Path) -> dict[str, str]:
+    """sha256 of every file below bundle, by relative path."""
+    return {
+        path.relative_to(bundle).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(bundle.rglob("*"))
+        if path.is_file()
+    }
+
+
+def test_every_target_is_recorded():
+    assert {key.split("/")[1] for key in RECORDED} == set(TARGETS)
+
+
+@pytest.mark.parametrize("case", sorted(RECORDED))
+def test_demo_bundle_bytes_are_unchanged(case: str, tmp_path: Path):
+    variant, target = case.split("/")
+    bundle = tmp_path / "bundle"
+    pack(f"demo:{variant}", bundle, PackOptions(target=target))
+    digests = file_digests(bundle)
+    assert sorted(digests) == sorted(RECORDED[case]), "the bundle's file list changed"
+    changed = [path for path, digest in digests.items() if RECORDED[case][path] != digest]
+    assert not changed, f"{case}: bytes changed in {changed}"
