@@ -16,7 +16,6 @@ import numpy as np
 from .errors import InputError
 
 GROUP_SIZE = 128
-VARIANTS = ("binary", "ternary")
 FP16_MAX = float(np.finfo(np.float16).max)
 
 # A block linear: a 2-D `.weight` inside transformer_blocks.N or single_transformer_blocks.N that is not a norm.

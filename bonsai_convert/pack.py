@@ -24,7 +24,6 @@ from .errors import FitError, InputError, UsageError
 from .files import file_key, known_sha256, remember_sha256, sha256_stream
 from .layout import (
     DEFAULT_GOLDEN_PROMPT,
-    TARGETS,
     BundleLayout,
     ComponentLayout,
     bundle_layout,
@@ -32,7 +31,6 @@ from .layout import (
     make_target,
 )
 from .lowbit import (
-    VARIANTS,
     LowBitTensor,
     dense_from_codes,
     needs_ternary,
@@ -53,6 +51,7 @@ from .source import (
 )
 from .targets.base import Target, encode_dense
 from .torch_zip import TorchZipWriter
+from .vocabulary import AUTO_VARIANT, PACK_VARIANTS, TARGETS
 
 ROWS_PER_CHUNK = 2048  # rows of a low-bit weight converted at once (bounds memory for 27648 x 3072 tensors)
 PACK_THREADS = 2
@@ -61,7 +60,7 @@ PACK_THREADS = 2
 @dataclass
 class PackOptions:
     target: str
-    variant: str = "auto"
+    variant: str = AUTO_VARIANT
     quantize: str | None = None
     force: bool = False
     golden: bool = True
@@ -89,7 +88,7 @@ class VariantResolver:
     """Decides the variant from the first low-bit tensor (auto) and holds every later tensor to it."""
 
     def __init__(self, requested: str, quantize: str | None, packed_variant: str | None):
-        self.variant = None if requested == "auto" else requested
+        self.variant = None if requested == AUTO_VARIANT else requested
         self.quantize = quantize
         if packed_variant:
             if self.variant == "binary" and packed_variant == "ternary":
@@ -416,7 +415,7 @@ def check_fit(model, source: Source, options: PackOptions, profile: dict) -> dic
 
     if profile["memory_budget_bytes"] == 0 or source.transformer_only:
         return None
-    variant = source.packed_variant or (options.variant if options.variant != "auto" else "ternary")
+    variant = source.packed_variant or (options.variant if options.variant != AUTO_VARIANT else "ternary")
     memory = plan(
         model,
         options.target,
@@ -520,7 +519,7 @@ def use_mmap_for_large_arrays() -> None:
 def pack(source_spec: str, out: Path, options: PackOptions, progress=None) -> dict:
     """Pack SOURCE into a bundle at OUT for options.target (executing its layout); return the manifest."""
     use_mmap_for_large_arrays()
-    if options.variant not in ("auto", *VARIANTS):
+    if options.variant not in PACK_VARIANTS:
         raise UsageError(f"--variant {options.variant}: choose auto, binary or ternary")
     if options.quantize not in (None, "absmean"):
         raise UsageError(f"--quantize {options.quantize}: only absmean is supported")

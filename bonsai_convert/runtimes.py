@@ -8,8 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UsageError
-
-MLX_TARGETS = ("iphone", "ipad", "mac")
+from .vocabulary import MLX_TARGETS
 
 
 @dataclass

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from bonsai_common.gemlite_keys import LAYER_KEYS
 
 from . import demo
 from .codecs import packed as packed_codec
@@ -32,11 +33,11 @@ from .lowbit import GROUP_SIZE, LowBitTensor, check_group_shape, is_low_bit_key
 from .model_shapes import KLEIN_4B_TRANSFORMER, KLEIN_TEXT_ENCODER_OUT_LAYERS, transformer_shapes
 from .safetensors_io import FLOAT_DTYPES, SafetensorsFile, bf16_bits_to_float32
 from .torch_zip import TorchZipFile
+from .vocabulary import DEFAULT_BASE_MODEL, VARIANTS
 
 TORCH_ZIP_FILE = "state_dict.pt"  # a Gemlite pack's transformer (formats/gemlite.md)
 
 BFL_PREFIX = "model.diffusion_model."
-DEFAULT_BASE_MODEL = "black-forest-labs/FLUX.2-klein-4B"
 MAX_BFL_ROWS = 1 << 20  # far above any FLUX.2 tensor (27648 rows); bounds the row-index tensors built below
 
 
@@ -351,11 +352,8 @@ class QuantizedTextEncoder:
         return (q * scales[..., None] + biases[..., None]).reshape(rows, groups * self.group_size)
 
 
-GEMLITE_LAYER_KEYS = ("W_q", "scales", "zeros", "metadata", "orig_shape", "meta_scale", "bias")
-
-
 def _gemlite_state(file, prefix: str) -> dict[str, np.ndarray]:
-    return {k: np.asarray(file.raw(f"{prefix}.{k}")) for k in GEMLITE_LAYER_KEYS if f"{prefix}.{k}" in file.tensors}
+    return {k: np.asarray(file.raw(f"{prefix}.{k}")) for k in LAYER_KEYS if f"{prefix}.{k}" in file.tensors}
 
 
 def _gemlite_logical_shapes(files: dict, label: str) -> tuple[dict[str, tuple[int, ...]], set[str]]:
@@ -366,7 +364,7 @@ def _gemlite_logical_shapes(files: dict, label: str) -> tuple[dict[str, tuple[in
     for name, handle in files.items():
         module, _, key = name.rpartition(".")
         if module in modules:
-            if key not in GEMLITE_LAYER_KEYS:
+            if key not in LAYER_KEYS:
                 raise InputError(f"{handle.path}: tensor {name} is not a gemlite layer tensor")
             if key == "W_q":
                 orig = f"{module}.orig_shape"
@@ -595,7 +593,7 @@ def _open_diffusers_folder(root: Path, label: str) -> Source:
         if manifest.get("target") != "packed":
             raise InputError(f"{manifest_path}: a {manifest.get('target')} bundle is not a source; use a packed bundle")
         packed_variant = manifest.get("variant")
-        if packed_variant not in ("binary", "ternary"):
+        if packed_variant not in VARIANTS:
             raise InputError(f"{manifest_path}: unknown variant {packed_variant!r}")
         packed_exact = bool(manifest.get("exact", True))
         base_model = manifest.get("base_model", base_model)

@@ -19,8 +19,7 @@ from .manifest import MANIFEST, load_manifest, safe_relative
 from .safetensors_io import SafetensorsFile, read_header
 from .source import read_json, sha256_file
 from .torch_zip import TorchZipFile
-
-MLX_TARGETS = ("iphone", "ipad", "mac")
+from .vocabulary import MLX_TARGETS
 
 
 @dataclass
@@ -193,7 +192,9 @@ def decode_low_bit(tensors: BundleTensors, target: str, variant: str, name: str)
     if target == "cuda":
         from .codecs import gemlite
 
-        state = {key: tensors.load(f"{prefix}.{key}") for key in gemlite.STATE_KEYS if f"{prefix}.{key}" in tensors}
+        state = {
+            key: tensors.load(f"{prefix}.{key}") for key in gemlite.STORED_LAYER_KEYS if f"{prefix}.{key}" in tensors
+        }
         codes, scales = gemlite.decode(state)
         return LowBitTensor(name, codes, scales)
     raise InputError(f"unknown target {target!r}")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from bonsai_convert.pack import PackOptions, pack
-from bonsai_convert.profiles import TARGETS
+from bonsai_convert.vocabulary import TARGETS
 
 RECORDED = json.loads((Path(__file__).parent / "corpus" / "demo_bundle_digests.json").read_text())
 

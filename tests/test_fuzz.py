@@ -374,7 +374,7 @@ def gemlite_states(draw) -> dict[str, np.ndarray]:
     scales = draw(hnp.arrays(np.float16, (rows, groups), elements=st.floats(-100, 100, width=16)))
     state = gemlite.encode(codes, scales, variant)
     action = draw(st.sampled_from(["replace", "metadata", "orig_shape", "drop", "random_words"]))
-    key = draw(st.sampled_from(gemlite.STATE_KEYS))
+    key = draw(st.sampled_from(gemlite.STORED_LAYER_KEYS))
     if action == "replace":
         state[key] = draw(ANY_ARRAY)
     elif action == "metadata":

@@ -265,7 +265,7 @@ def _as_released(tensors) -> None:
 
     for name in [key for key in tensors if key.endswith(".W_q")]:
         prefix = name[: -len(".W_q")]
-        state = {key: tensors[f"{prefix}.{key}"] for key in codec.STATE_KEYS}
+        state = {key: tensors[f"{prefix}.{key}"] for key in codec.STORED_LAYER_KEYS}
         codes, scales = codec.decode(state)
         variant = "binary" if int(state["metadata"][1]) == 1 else "ternary"
         state = codec.encode(codes, scales, variant, packing_bitwidth=8)
