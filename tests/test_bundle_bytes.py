@@ -1,5 +1,5 @@
 """Refactors move code, not bytes: every demo bundle, manifest and golden record included, is byte-identical to the
-one recorded before the package was reorganised (tests/corpus/demo_bundle_digests.json, written by the converter
+one recorded before the package was reorganised (tests/demo_bundle_digests.json, written by the converter
 at commit 4dd5be7 from `demo:binary` / `demo:ternary`, seed 0, default options, one pack per target).
 
 A change that alters a bundle on purpose (a new manifest field, a new layout) must re-record the file and say why
@@ -17,7 +17,7 @@ import pytest
 from bonsai_convert.pack import PackOptions, pack
 from bonsai_convert.vocabulary import TARGETS
 
-RECORDED = json.loads((Path(__file__).parent / "corpus" / "demo_bundle_digests.json").read_text())
+RECORDED = json.loads((Path(__file__).parent / "demo_bundle_digests.json").read_text())
 
 
 def file_digests(bundle: Path) -> dict[str, str]:
