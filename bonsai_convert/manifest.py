@@ -10,7 +10,7 @@ from .files import MANIFEST, load_manifest, read_json, safe_relative, sha256_fil
 from .layout import json_bytes
 from .safetensors_io import read_header
 from .schemas import validate
-from .source import Source
+from .sources import Source
 from .summary import FileEntry, numel, summarize  # noqa: F401 - re-exported
 from .torch_zip import TorchZipFile
 
@@ -91,7 +91,7 @@ def build_manifest(
     low_bit_weights = sum(numel(t.shape) for t in source.tensors if t.low_bit)
     transformer_weights = sum(numel(t.shape) for t in source.tensors)
     summary = summarize(entries, fp16_sizes(model), low_bit_weights, transformer_weights)
-    exact = options.quantize is None and source.packed_exact
+    exact = options.quantize is None and source.exact
     manifest = {
         "format_version": FORMAT_VERSION,
         "tool": {"name": "bonsai-convert", "version": __version__, "dependencies": dependency_versions()},

@@ -41,7 +41,7 @@ from .lowbit import (
 )
 from .profiles import profile_for
 from .safetensors_io import PositionalHashingWriter, SafetensorsFile, SafetensorsWriter, bf16_bits_to_float32
-from .source import (
+from .sources import (
     GemliteTextEncoder,
     QuantizedTextEncoder,
     Source,
@@ -87,13 +87,13 @@ def weight_digest(tensor: LowBitTensor) -> str:
 class VariantResolver:
     """Decides the variant from the first low-bit tensor (auto) and holds every later tensor to it."""
 
-    def __init__(self, requested: str, quantize: str | None, packed_variant: str | None):
+    def __init__(self, requested: str, quantize: str | None, stored_variant: str | None):
         self.variant = None if requested == AUTO_VARIANT else requested
         self.quantize = quantize
-        if packed_variant:
-            if self.variant == "binary" and packed_variant == "ternary":
+        if stored_variant:
+            if self.variant == "binary" and stored_variant == "ternary":
                 raise UsageError("--variant binary: the packed source is ternary")
-            self.variant = self.variant or packed_variant
+            self.variant = self.variant or stored_variant
         if quantize and self.variant is None:
             raise UsageError("--quantize absmean needs --variant binary or ternary")
 
@@ -361,7 +361,7 @@ def write_transformer(
     first = low_bit[0] if low_bit else None
 
     def low_bit_tensor(tensor, reuse_buffers: bool = False) -> LowBitTensor:
-        if source.kind in ("packed", "mlx", "gemlite"):  # codes stored: decoded, never re-split
+        if source.stored_variant is not None:  # the source stores codes: decoded, never re-split
             decoded = source.read_low_bit(tensor)
             assert isinstance(decoded, LowBitTensor)
             return decoded
@@ -415,7 +415,7 @@ def check_fit(model, source: Source, options: PackOptions, profile: dict) -> dic
 
     if profile["memory_budget_bytes"] == 0 or source.transformer_only:
         return None
-    variant = source.packed_variant or (options.variant if options.variant != AUTO_VARIANT else "ternary")
+    variant = source.stored_variant or (options.variant if options.variant != AUTO_VARIANT else "ternary")
     memory = plan(
         model,
         options.target,
@@ -551,7 +551,7 @@ def _pack_source(source: Source, source_spec: str, out: Path, options: PackOptio
     from .manifest import build_manifest
 
     model = describe(source)
-    resolver = VariantResolver(options.variant, options.quantize, source.packed_variant)
+    resolver = VariantResolver(options.variant, options.quantize, source.stored_variant)
     tick = progress.tick if progress else (lambda: None)
     memory = check_fit(model, source, options, profile)
 
@@ -568,7 +568,7 @@ def _pack_source(source: Source, source_spec: str, out: Path, options: PackOptio
         )
 
     if progress:
-        planned = lay_out(source.packed_variant or "binary")
+        planned = lay_out(source.stored_variant or "binary")
         total = sum(len(c.outputs_of) for c in planned.components.values())
         progress.start(f"packing {source_spec} → {options.target}", total)
     with atomic_folder(out, options.force) as root:

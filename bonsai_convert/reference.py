@@ -19,7 +19,7 @@ import numpy as np
 
 from .lowbit import LowBitTensor
 from .quiet import quiet_libraries  # noqa: F401 - re-exported
-from .source import Source
+from .sources import Source
 
 
 def source_transformer(source: Source, dtype):
@@ -224,7 +224,7 @@ def layerwise_text_encoder(folder, config, dtype, shipped=None, prequantized: bo
 
         import torch
 
-        from .source import quantized_text_encoder
+        from .sources import quantized_text_encoder
 
         reader = quantized_text_encoder(PathType(folder))
 

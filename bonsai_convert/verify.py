@@ -14,10 +14,10 @@ import numpy as np
 from .codecs import mlx as mlx_codec
 from .codecs import packed as packed_codec
 from .errors import BonsaiError, InputError
+from .files import read_json, sha256_file
 from .lowbit import GROUP_SIZE, LowBitTensor, split_exact, to_fp16
 from .manifest import MANIFEST, load_manifest, safe_relative
 from .safetensors_io import SafetensorsFile, read_header
-from .source import read_json, sha256_file
 from .torch_zip import TorchZipFile
 from .vocabulary import MLX_TARGETS
 
@@ -152,7 +152,7 @@ class BundleTensors:
     """Read tensors of a bundle component by name (its files and index validated by `component_tensors`)."""
 
     def __init__(self, folder: Path):
-        from .source import component_tensors
+        from .sources import component_tensors
 
         _, self.files = component_tensors(folder)
 
@@ -224,7 +224,7 @@ def check_weights(
     target, variant = manifest["target"], manifest["variant"]
     source = None
     if source_spec is not None:
-        from .source import open_source
+        from .sources import open_source
 
         try:
             source = open_source(source_spec)

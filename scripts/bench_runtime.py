@@ -51,7 +51,7 @@ def diffusers_side(source: str, size: int, steps: int, dtype: str, max_sequence_
     from bonsai_common import initial_noise
 
     from bonsai_convert.reference import reference_pipeline
-    from bonsai_convert.source import open_source
+    from bonsai_convert.sources import open_source
 
     opened = open_source(source)
     start = time.perf_counter()

@@ -47,5 +47,5 @@ def test_no_import_cycles():
 
 def test_the_layout_is_decided_below_plan_pack_and_manifest():
     graph = import_graph()
-    for low in ("bonsai_convert.layout", "bonsai_convert.description", "bonsai_convert.source"):
+    for low in ("bonsai_convert.layout", "bonsai_convert.description", "bonsai_convert.sources"):
         assert not graph[low] & {"bonsai_convert.plan", "bonsai_convert.pack", "bonsai_convert.manifest"}, low

@@ -28,10 +28,10 @@ from bonsai_convert.codecs import gemlite
 from bonsai_convert.codecs import mlx as mlx_codec
 from bonsai_convert.codecs import packed as packed_codec
 from bonsai_convert.errors import InputError
+from bonsai_convert.files import read_json
 from bonsai_convert.lowbit import GROUP_SIZE
 from bonsai_convert.manifest import load_manifest, safe_relative
 from bonsai_convert.safetensors_io import DTYPE_SIZES, SafetensorsFile, TensorSpec, build_header, read_header
-from bonsai_convert.source import read_json
 
 TIME_LIMIT_S = 5.0
 MEMORY_LIMIT_BYTES = 64 << 20  # every input here is < 1 MB: anything near this is an allocation from a claim
@@ -434,7 +434,7 @@ def check_bfl(data: bytes) -> None:
     import diffusers.loaders.single_file_utils  # noqa: F401 - imported outside the time and memory limits
     import torch  # noqa: F401
 
-    from bonsai_convert.source import open_source
+    from bonsai_convert.sources import open_source
 
     with scratch_file("bfl.safetensors", data) as path:
         read_header(path)  # the generator writes valid files: only the FLUX.2 checks may refuse

@@ -14,9 +14,9 @@ import pytest
 from conftest import bundle_folder
 from hub_server import FakeHub
 
+from bonsai_convert.files import sha256_file
 from bonsai_convert.manifest import load_manifest
 from bonsai_convert.pack import PackOptions, pack
-from bonsai_convert.source import sha256_file
 
 REPO_ID = "prism-ml/bonsai-image-ternary-4B-unpacked"
 PRISM_MANIFEST = {"model_version": "ternary g128 (bf16 master)", "sha256": "0" * 64}
