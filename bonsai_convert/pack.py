@@ -19,7 +19,7 @@ import numpy as np
 from . import kernels
 from .atomic import atomic_folder
 from .description import describe, transformer_shapes_of  # noqa: F401 - transformer_shapes_of re-exported
-from .dtypes import widen
+from .dtypes import widen, widen_bf16_rows
 from .errors import FitError, InputError, UsageError
 from .files import file_key, known_sha256, remember_sha256, sha256_stream
 from .layout import (
@@ -40,7 +40,7 @@ from .lowbit import (
     to_fp16,
 )
 from .profiles import profile_for
-from .safetensors_io import PositionalHashingWriter, SafetensorsFile, SafetensorsWriter, bf16_bits_to_float32
+from .safetensors_io import PositionalHashingWriter, SafetensorsFile, SafetensorsWriter
 from .sources import (
     GemliteTextEncoder,
     QuantizedTextEncoder,
@@ -49,7 +49,7 @@ from .sources import (
     open_source,
     quantized_text_encoder,
 )
-from .targets.base import Target, encode_dense
+from .targets.base import Target, encode_dense, encode_dense_stored
 from .torch_zip import TorchZipWriter
 from .vocabulary import AUTO_VARIANT, PACK_VARIANTS, TARGETS
 
@@ -112,7 +112,7 @@ class VariantResolver:
         reuse_buffers: the codes live in this thread's scratch buffer (valid until the thread's next split).
         """
         variant = self.variant or "ternary"
-        fused = stored_rows is not None and not self.quantize and kernels.ENABLED
+        fused = stored_rows is not None and not self.quantize
         digest = hashlib.sha256() if fused else None
         codes = scales = None
         for start in range(0, rows, ROWS_PER_CHUNK):
@@ -202,13 +202,12 @@ def _write_dense_component(
         shape = info.shape
         outputs = layout.outputs_of[source_name]
         dense = (
-            kernels.ENABLED
-            and len(outputs) == 1
+            len(outputs) == 1
             and outputs[0].spec.name == source_name
             and outputs[0].spec.dtype in ("F16", "BF16")
             and info.dtype in ("BF16", "F16")
         )
-        from_stored = kernels.ENABLED and encode_stored is not None and info.dtype in ("BF16", "F16")
+        from_stored = encode_stored is not None and info.dtype in ("BF16", "F16")
 
         def rows_of(start: int, stop: int) -> dict[str, np.ndarray]:
             stored = handle.raw(source_name)[start:stop]  # a view of the mapped file: read once, by the kernel
@@ -219,10 +218,8 @@ def _write_dense_component(
             encoded = encode_stored(source_name, stored, info.dtype) if from_stored and stored.ndim == 2 else None
             if encoded is not None:
                 return encoded
-            if kernels.ENABLED and info.dtype == "BF16" and stored.ndim == 2:  # widened into a reused buffer
-                values = kernels.scratch("widened", stored.shape, np.uint32)
-                kernels.widen_bf16(np.ascontiguousarray(stored).reshape(-1), values.reshape(-1))
-                return encode(source_name, values.view(np.float32))
+            if info.dtype == "BF16" and stored.ndim == 2:  # widened into a reused buffer
+                return encode(source_name, widen_bf16_rows(stored))
             return encode(source_name, handle.load_rows(source_name, start, stop))
 
         def whole() -> dict[str, np.ndarray]:
@@ -264,30 +261,6 @@ def stored_reader(tensor) -> tuple[Callable[[int, int], np.ndarray], str] | None
         return raw[start:stop] if tensor.rows is None else np.array(raw[list(tensor.rows[start:stop])])
 
     return read, dtype
-
-
-def encode_dense_stored(
-    name: str, stored: np.ndarray, stored_dtype: str, float_dtype: str, out: np.ndarray | None = None
-) -> np.ndarray:
-    """`encode_dense` of the widened values, from the stored values in one compiled pass (same bytes, same errors).
-
-    bf16 → BF16 and f16 → F16 are copies with a finiteness check; bf16 → F16 goes through a 65536-entry table.
-    Anything else, or a non-finite value to report, takes `encode_dense` itself.
-    """
-    from .kernels import BF16_TO_FP16, all_finite, convert_table
-
-    if kernels.ENABLED and stored_dtype in ("BF16", "F16") and float_dtype in ("BF16", "F16"):
-        bits = np.ascontiguousarray(stored).view(np.uint16)
-        flat = bits.reshape(-1)
-        if stored_dtype == float_dtype:
-            if all_finite(flat, np.uint16(0x7C00 if float_dtype == "F16" else 0x7F80)):
-                return bits.view(np.float16) if float_dtype == "F16" else bits
-        elif stored_dtype == "BF16":
-            out = np.empty(bits.shape, dtype=np.uint16) if out is None else out  # out: a uint16 buffer to fill
-            if convert_table(flat, BF16_TO_FP16, out.reshape(-1)):
-                return out.view(np.float16)
-    values = bf16_bits_to_float32(stored) if stored_dtype == "BF16" else stored
-    return encode_dense(name, values, float_dtype)
 
 
 def _write_prequantized_text_encoder(

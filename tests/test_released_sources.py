@@ -259,8 +259,8 @@ def _rewrite_state_dict(folder: Path, edit) -> None:
 
 
 def _as_released(tensors) -> None:
-    """What REFERENCE.md §10 says the release stores: W_q uint8 (8-bit packing), scales and zeros fp32, ternary in
-    fma form (zeros = −scales); metadata to match (meta_dtype FP32, elements_per_sample 8 / bits, mode 4)."""
+    """What PrismML's released Gemlite packs store (formats/gemlite.md): W_q uint8 (8-bit packing), scales, zeros fp32,
+    ternary in fma form (zeros = −scales); metadata to match (meta_dtype FP32, elements_per_sample 8 / bits, mode 4)."""
     from bonsai_convert.codecs import gemlite as codec
 
     for name in [key for key in tensors if key.endswith(".W_q")]:
