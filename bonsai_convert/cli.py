@@ -173,6 +173,9 @@ def generate(
     dtype: ComputeDtype | None = typer.Option(None, help="Compute dtype: float16 (default) or float32."),
 ) -> None:
     """Generate an image from a bundle with its target's reference runtime."""
+    from .runtimes import enable_runtime_speedups
+
+    enable_runtime_speedups()  # before anything imports MLX
     import io
     import time
 
@@ -285,6 +288,9 @@ def verify(
     ),
 ) -> None:
     """The release gate: integrity, bit-exact weights, and the golden image. Exit 0 only if all checks pass."""
+    from .runtimes import enable_runtime_speedups
+
+    enable_runtime_speedups()  # before anything imports MLX
     from rich.table import Table
 
     from .schemas import validate

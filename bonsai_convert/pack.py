@@ -6,11 +6,10 @@ import contextlib
 import gc
 import hashlib
 import os
-import queue
 import shutil
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from .atomic import atomic_folder
 from .description import describe, transformer_shapes_of  # noqa: F401 - transformer_shapes_of re-exported
 from .dtypes import widen, widen_bf16_rows
 from .errors import FitError, InputError, UsageError
-from .files import file_key, known_sha256, remember_sha256, sha256_stream
+from .files import SourceHasher, known_sha256, remember_sha256
 from .layout import (
     DEFAULT_GOLDEN_PROMPT,
     BundleLayout,
@@ -405,52 +404,6 @@ def check_fit(model, source: Source, options: PackOptions, profile: dict) -> dic
             f"{memory['budget_bytes'] / 1e9:.2f} GB (use --force to write it anyway)"
         )
     return memory
-
-
-class SourceHasher:
-    """sha256 of every source file (the manifest's source identity) on a thread of its own, while pack converts.
-
-    Each file is read once, in order, from the page cache the conversion is filling anyway (or into it, ahead
-    of the conversion, on a cold cache); `sha256_file` inside `known_sha256()` waits for the result.
-    """
-
-    def __init__(self, paths: list[Path]):
-        self._stop = threading.Event()
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self.paths: set[Path] = set()
-        self._keys: set[tuple[int, ...]] = set()
-        self.add(paths)
-        self._thread = threading.Thread(target=self._run, name="source-sha256", daemon=True)
-        self._thread.start()
-
-    def add(self, paths: list[Path]) -> None:
-        for path in paths:
-            future: Future = Future()
-            try:
-                key = file_key(path)
-            except OSError:
-                continue  # gone or unreadable: whoever needs it reads it and reports
-            if key in self._keys:
-                continue
-            self._keys.add(key)
-            self.paths.add(path)
-            remember_sha256(path, future)
-            self._queue.put((path, future))
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                path, future = self._queue.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            try:
-                future.set_result(sha256_stream(path, stop=self._stop))
-            except BaseException as error:  # noqa: BLE001 - handed to whoever asks for this digest
-                future.set_exception(error)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def _files_to_hash(source_spec: str) -> list[Path]:

@@ -28,7 +28,9 @@ PROMPT = "a bonsai tree on a rock, studio light"
 
 
 def mlx_side(bundle: Path, size: int, steps: int, dtype: str, max_sequence_length: int | None) -> dict:
-    import bonsai_mlx  # first: loads the BLAS before MLX
+    import bonsai_mlx
+
+    bonsai_mlx.enable_cpu_speedups()  # first: the BLAS before MLX is imported
     from bonsai_common import initial_noise
     from bonsai_mlx import allocator, blas
 
