@@ -12,7 +12,16 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .errors import BonsaiError, UsageError, VerifyFailed
-from .vocabulary import KERNEL_MODES, PACK_VARIANTS, TARGETS, VARIANTS
+from .vocabulary import (
+    COMPUTE_DTYPES,
+    DENSE_DTYPES,
+    KERNEL_MODES,
+    MEMORY_DEVICES,
+    PACK_VARIANTS,
+    QUANTIZERS,
+    TARGETS,
+    VARIANTS,
+)
 
 
 def choices(name: str, values: tuple[str, ...]) -> type[Enum]:
@@ -28,24 +37,10 @@ PackVariant = choices("PackVariant", PACK_VARIANTS)
 KernelMode = choices("KernelMode", KERNEL_MODES)
 
 
-class Quantizer(str, Enum):
-    absmean = "absmean"
-
-
-class DenseDtype(str, Enum):
-    bfloat16 = "bfloat16"
-    float16 = "float16"
-
-
-class MemoryDevice(str, Enum):
-    gpu = "gpu"
-    cpu = "cpu"
-
-
-class ComputeDtype(str, Enum):
-    float16 = "float16"
-    float32 = "float32"
-    bfloat16 = "bfloat16"
+Quantizer = choices("Quantizer", QUANTIZERS)
+DenseDtype = choices("DenseDtype", tuple(DENSE_DTYPES))
+MemoryDevice = choices("MemoryDevice", MEMORY_DEVICES)
+ComputeDtype = choices("ComputeDtype", COMPUTE_DTYPES)
 
 
 def value(choice: Enum | None) -> str | None:
@@ -240,7 +235,7 @@ def plan(
     model: str = typer.Option("klein-4b", help="klein-4b (built in) or a source folder/file (headers only)"),
     size: str | None = typer.Option(None, help="WxH for the memory estimate (default: the profile's)"),
     device: MemoryDevice = typer.Option(
-        MemoryDevice.gpu, help="Memory model of the profile's GPU, or of MLX's CPU backend (formats/memory.md)."
+        "gpu", help="Memory model of the profile's GPU, or of MLX's CPU backend (formats/memory.md)."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:

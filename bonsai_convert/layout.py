@@ -17,9 +17,8 @@ from .summary import FileEntry, numel
 from .targets.base import Planned, Target, dense_output
 from .targets.mlx import MLXTarget
 from .targets.packed import PackedTarget
-from .vocabulary import MLX_TARGETS, PACKED_TARGET, TARGETS
+from .vocabulary import DENSE_DTYPES, MLX_TARGETS, PACKED_TARGET, TARGETS
 
-DENSE_DTYPES = {"bfloat16": "BF16", "float16": "F16"}
 GOLDEN_DIR = "golden"
 DEFAULT_GOLDEN_PROMPT = "a bonsai tree on a wooden table, studio light"
 SMALL_MODEL_PARAMETERS = 100_000_000

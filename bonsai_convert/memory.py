@@ -10,9 +10,10 @@ is almost all of the wall time.
 
 from __future__ import annotations
 
+from .vocabulary import MEMORY_DEVICES
+
 TEXT_TOKENS = 512
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
-DEVICES = ("gpu", "cpu")
 # bonsai_mlx.cpu_layers.DENSE_CHUNK_VALUES (the runtime is not imported here; tests/test_memory_model.py compares)
 DENSE_CHUNK_VALUES = 1 << 24
 # mlx-lm 4-bit, group 64: 32 bytes of codes and a bf16 scale and bias per group; the codes are not widened
@@ -139,8 +140,8 @@ def estimate_memory(
     device "gpu" is the profile's (Apple GPU: quantized Metal kernels, implicit-GEMM convolutions); "cpu" is MLX's
     CPU backend as the runtime uses it: each low-bit linear dequantized to dense compute-dtype weights in blocks
     while it runs (`cpu_dequantized_bytes` of the widest), convolutions by explicit GEMM on an unfolded input."""
-    if device not in DEVICES:
-        raise ValueError(f"device {device!r} is not one of {DEVICES}")
+    if device not in MEMORY_DEVICES:
+        raise ValueError(f"device {device!r} is not one of {MEMORY_DEVICES}")
     cpu = device == "cpu"
     compute_dtype = dtype or profile["compute_dtype"]
     dtype_bytes = DTYPE_BYTES[compute_dtype]

@@ -50,7 +50,7 @@ from .sources import (
 )
 from .targets.base import Target, encode_dense, encode_dense_stored
 from .torch_zip import TorchZipWriter
-from .vocabulary import AUTO_VARIANT, PACK_VARIANTS, TARGETS
+from .vocabulary import AUTO_VARIANT, PACK_VARIANTS, QUANTIZERS, TARGETS
 
 ROWS_PER_CHUNK = 2048  # rows of a low-bit weight converted at once (bounds memory for 27648 x 3072 tensors)
 PACK_THREADS = 2
@@ -447,8 +447,8 @@ def pack(source_spec: str, out: Path, options: PackOptions, progress=None) -> di
     use_mmap_for_large_arrays()
     if options.variant not in PACK_VARIANTS:
         raise UsageError(f"--variant {options.variant}: choose auto, binary or ternary")
-    if options.quantize not in (None, "absmean"):
-        raise UsageError(f"--quantize {options.quantize}: only absmean is supported")
+    if options.quantize not in (None, *QUANTIZERS):
+        raise UsageError(f"--quantize {options.quantize}: choose one of {', '.join(QUANTIZERS)}")
     if options.target not in TARGETS:
         raise UsageError(f"--target {options.target}: choose one of {', '.join(TARGETS)}")
     if options.dtype not in (None, "bfloat16", "float16"):

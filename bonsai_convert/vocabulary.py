@@ -19,4 +19,9 @@ PACK_VARIANTS = (AUTO_VARIANT, *VARIANTS)
 # our decoder only ("fallback"), or the interpreter where it can run ("auto").
 KERNEL_MODES = ("auto", "interpreter", "fallback")
 
+QUANTIZERS = ("absmean",)  # pack --quantize: lossy projections of full-precision weights (opt-in)
+DENSE_DTYPES = {"bfloat16": "BF16", "float16": "F16"}  # pack --dtype: a bundle's dense float dtype → safetensors
+COMPUTE_DTYPES = ("float16", "float32", "bfloat16")  # generate / verify --dtype: the runtime's compute dtype
+MEMORY_DEVICES = ("gpu", "cpu")  # plan --device: the profile's GPU, or MLX's CPU backend
+
 DEFAULT_BASE_MODEL = "black-forest-labs/FLUX.2-klein-4B"  # the model Bonsai Image 4B was trained from
