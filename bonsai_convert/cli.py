@@ -21,6 +21,7 @@ class TargetName(str, Enum):
     ipad = "ipad"
     mac = "mac"
     cuda = "cuda"
+    gguf = "gguf"
 
 
 class VariantName(str, Enum):

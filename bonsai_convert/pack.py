@@ -22,6 +22,7 @@ from .description import describe, transformer_shapes_of  # noqa: F401 - transfo
 from .dtypes import widen
 from .errors import FitError, InputError, UsageError
 from .files import file_key, known_sha256, remember_sha256, sha256_stream
+from .gguf_io import GGUFFileWriter
 from .layout import (
     DEFAULT_GOLDEN_PROMPT,
     TARGETS,
@@ -150,8 +151,12 @@ def _open_writers(root: Path, layout: ComponentLayout) -> dict[str, PositionalHa
     for shard_file in layout.shards:
         path = root / shard_file.path
         path.parent.mkdir(parents=True, exist_ok=True)
-        kind = TorchZipWriter if shard_file.container == "torch-zip" else SafetensorsWriter
-        writer = kind(path, [p.spec for p in shard_file.tensors], shard_file.metadata)
+        specs = [p.spec for p in shard_file.tensors]
+        if shard_file.gguf is not None:
+            writer: PositionalHashingWriter = GGUFFileWriter(path, specs, shard_file.gguf)
+        else:
+            kind = TorchZipWriter if shard_file.container == "torch-zip" else SafetensorsWriter
+            writer = kind(path, specs, shard_file.metadata)
         for planned in shard_file.tensors:
             writers[planned.spec.name] = writer
     return writers
@@ -362,7 +367,7 @@ def write_transformer(
     first = low_bit[0] if low_bit else None
 
     def low_bit_tensor(tensor, reuse_buffers: bool = False) -> LowBitTensor:
-        if source.kind in ("packed", "mlx", "gemlite"):  # codes stored: decoded, never re-split
+        if source.kind in ("packed", "mlx", "gemlite", "gguf"):  # codes stored: decoded, never re-split
             decoded = source.read_low_bit(tensor)
             assert isinstance(decoded, LowBitTensor)
             return decoded

@@ -10,7 +10,7 @@ from .schemas import package_data, validate
 
 PROFILES_DATA = "data/profiles.json"  # inside the bonsai_convert package
 MLX_TARGETS = ("iphone", "ipad", "mac")
-TARGETS = ("packed", *MLX_TARGETS, "cuda")
+TARGETS = ("packed", *MLX_TARGETS, "cuda", "gguf")
 
 
 @lru_cache(maxsize=1)

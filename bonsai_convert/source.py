@@ -80,7 +80,7 @@ class Source:
     """A checkpoint to pack: the transformer's tensors plus the folders of the other components."""
 
     label: str
-    kind: str  # diffusers | transformer-only | bfl | packed | mlx | gemlite
+    kind: str  # diffusers | transformer-only | bfl | packed | mlx | gemlite | gguf
     transformer_config: dict
     tensors: list[SourceTensor]
     root: Path | None = None
@@ -113,6 +113,10 @@ class Source:
             return _read_mlx_low_bit(tensor, str(self.packed_variant))
         if self.kind == "gemlite":
             return _read_gemlite_low_bit(tensor, str(self.packed_variant))
+        if self.kind == "gguf":
+            from .gguf_source import read_gguf_low_bit
+
+            return read_gguf_low_bit(tensor.name, tensor.file, tensor.key, tensor.rows, str(self.packed_variant))  # type: ignore[arg-type]
         if self.kind != "packed":
             return tensor.load()
         scales_key = tensor.name[: -len(".weight")] + ".scales"
@@ -592,6 +596,8 @@ def _open_diffusers_folder(root: Path, label: str) -> Source:
     if (manifest_path.exists() or manifest_path.is_symlink()) and is_our_manifest(read_json(manifest_path)):
         # Another tool's manifest.json (PrismML's release has one) is neither trusted nor a reason to refuse.
         manifest = load_manifest(root)  # schema-validated, every listed path a safe relative path
+        if manifest.get("target") == "gguf":
+            return _open_gguf_bundle(root, label, manifest)
         if manifest.get("target") != "packed":
             raise InputError(f"{manifest_path}: a {manifest.get('target')} bundle is not a source; use a packed bundle")
         packed_variant = manifest.get("variant")
@@ -649,6 +655,43 @@ def _open_diffusers_folder(root: Path, label: str) -> Source:
         text_encoder_out_layers=out_layers,
         max_sequence_length=max_sequence_length,
         base_model=base_model,
+    )
+
+
+def _open_gguf_bundle(root: Path, label: str, manifest: dict) -> Source:
+    """A `gguf` bundle (formats/gguf.md): its GGUF transformer under diffusers names, the rest as in diffusers."""
+    from .gguf_io import GGUFFile
+    from .gguf_source import GGUF_FILE, gguf_shapes
+
+    transformer_dir = root / "transformer"
+    variant = manifest.get("variant")
+    if variant not in ("binary", "ternary"):
+        raise InputError(f"{root / 'manifest.json'}: unknown variant {variant!r}")
+    path = transformer_dir / GGUF_FILE
+    if refused_link(path) or not path.is_file():
+        raise InputError(f"{path}: missing or a symbolic link")
+    config = read_json(transformer_dir / "config.json")
+    _check_config(str(transformer_dir / "config.json"), config)
+    config = {key: value for key, value in config.items() if key != "bonsai_gguf"}
+    file = GGUFFile(path)
+    placed = gguf_shapes(file, variant)
+    _check_klein(str(path), config, {name: shape for name, (shape, _, _) in placed.items()})
+    tensors = [SourceTensor(name, shape, file, key, rows) for name, (shape, key, rows) in sorted(placed.items())]  # type: ignore[arg-type]
+    components, component_files = _other_components(root, {})
+    out_layers, max_sequence_length = recorded_settings(root)
+    return Source(
+        label=label,
+        kind="gguf",
+        transformer_config=config,
+        tensors=tensors,
+        root=root,
+        components=components,
+        files=sorted([path, transformer_dir / "config.json", *component_files]),
+        packed_variant=variant,
+        packed_exact=bool(manifest.get("exact", True)),
+        text_encoder_out_layers=out_layers,
+        max_sequence_length=max_sequence_length,
+        base_model=manifest.get("base_model", DEFAULT_BASE_MODEL),
     )
 
 

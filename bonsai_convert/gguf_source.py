@@ -1,0 +1,83 @@
+"""A `gguf` bundle as a source (formats/gguf.md): its GGUF transformer read back under diffusers names, exactly.
+
+Each BFL tensor of the file is split into the diffusers tensors it holds (q/k/v row thirds, norm_out's halves
+swapped back); Q1_0/Q2_0 linears decode to codes and fp16 scales (`codecs.gguf.decode`, which refuses a Q2_0 tensor
+that is not ternary g128); dense tensors are read as stored, memory-mapped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .codecs import gguf as codec
+from .errors import InputError
+from .gguf_io import BF16, F16, F32, GGUFFile, GGUFTensor
+from .gguf_names import diffusers_parts
+from .lowbit import LowBitTensor, is_low_bit_key
+
+GGUF_FILE = "diffusion_model.gguf"
+
+
+def split_tensors(file: GGUFFile) -> list[tuple[str, str, int, int, bool]]:
+    """(diffusers name, BFL name, first row, stop row, halves swapped) of every tensor part of the file."""
+    parts = []
+    for bfl_name, stored in file.tensors.items():
+        rows = stored.shape[0] if len(stored.shape) > 1 else stored.shape[0]
+        try:
+            for name, start, stop, swapped in diffusers_parts(bfl_name, rows):
+                parts.append((name, bfl_name, start, stop, swapped))
+        except ValueError as error:
+            raise InputError(f"{file.path}: {error}") from error
+    return sorted(parts)
+
+
+def piece_sizes(path: Path) -> tuple[tuple[str, int], ...]:
+    """Bytes of each diffusers tensor inside a GGUF transformer (what the manifest's parts count)."""
+    file = GGUFFile(path)
+    sizes = []
+    for name, bfl_name, start, stop, _ in split_tensors(file):
+        stored = file.tensors[bfl_name]
+        row_bytes = GGUFTensor(bfl_name, stored.ggml_type, stored.shape).row_bytes
+        sizes.append((name, (stop - start) * row_bytes if len(stored.shape) > 1 else row_bytes))
+    return tuple(sorted(sizes))
+
+
+def gguf_shapes(file: GGUFFile, variant: str) -> dict[str, tuple[tuple[int, ...], str, tuple[int, ...] | None]]:
+    """diffusers name → (logical shape, BFL key, rows of that key or None for all), types checked per tensor."""
+    low_bit_type = codec.TYPE_OF_VARIANT[variant]
+    result = {}
+    for name, bfl_name, start, stop, swapped in split_tensors(file):
+        stored = file.tensors[bfl_name]
+        expected = (low_bit_type,) if is_low_bit_key(name) else (BF16, F16, F32)
+        if stored.ggml_type not in expected:
+            raise InputError(
+                f"{file.path}: tensor {bfl_name} (holding {name}) has ggml type {stored.ggml_type}, "
+                f"expected {' or '.join(str(t) for t in expected)} in a {variant} bundle"
+            )
+        if len(stored.shape) == 1:
+            result[name] = (stored.shape, bfl_name, None)
+            continue
+        shape = (stop - start, stored.shape[1])
+        if swapped:
+            half = stored.shape[0] // 2
+            rows: tuple[int, ...] | None = tuple(range(half, 2 * half)) + tuple(range(half))
+        elif (start, stop) == (0, stored.shape[0]):
+            rows = None
+        else:
+            rows = tuple(range(start, stop))
+        result[name] = (shape, bfl_name, rows)
+    return result
+
+
+def read_gguf_low_bit(name: str, file: GGUFFile, key: str, rows: tuple[int, ...] | None, variant: str) -> LowBitTensor:
+    """A Q1_0/Q2_0 tensor part back to int8 codes and fp16 scales (exact; refused if not binary/ternary g128)."""
+    blocks = file.raw(key)
+    if rows is not None:
+        blocks = blocks[rows[0] : rows[-1] + 1]
+    in_features = file.tensors[key].shape[1]
+    codes, scales = codec.decode(f"{file.path}: tensor {key}", np.asarray(blocks), in_features, variant)
+    if not np.isfinite(scales).all():
+        raise InputError(f"{file.path}: tensor {key}: non-finite scale")
+    return LowBitTensor(name, codes, scales)
