@@ -81,3 +81,32 @@ def read_gguf_low_bit(name: str, file: GGUFFile, key: str, rows: tuple[int, ...]
     if not np.isfinite(scales).all():
         raise InputError(f"{file.path}: tensor {key}: non-finite scale")
     return LowBitTensor(name, codes, scales)
+
+
+class GGUFTransformer:
+    """A gguf bundle's transformer by diffusers name, for verify: low-bit linears decoded, dense tensors widened."""
+
+    def __init__(self, folder: Path, variant: str):
+        self.file = GGUFFile(folder / GGUF_FILE)
+        self.variant = variant
+        self.placed = gguf_shapes(self.file, variant)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.placed
+
+    def low_bit(self, name: str) -> LowBitTensor:
+        if name not in self.placed or not is_low_bit_key(name):
+            raise InputError(f"{self.file.path}: no low-bit tensor {name}")
+        _, key, rows = self.placed[name]
+        return read_gguf_low_bit(name, self.file, key, rows, self.variant)
+
+    def load(self, name: str) -> np.ndarray:
+        """A dense tensor's values as float32 (bf16/fp16 widened exactly)."""
+        if name not in self.placed:
+            raise InputError(f"tensor {name}: missing from the bundle")
+        _, key, rows = self.placed[name]
+        raw = self.file.raw(key)
+        selected = np.asarray(raw if rows is None else raw[list(rows)])
+        if self.file.tensors[key].ggml_type == BF16:
+            return (selected.astype(np.uint32) << 16).view(np.float32)
+        return selected.astype(np.float32)

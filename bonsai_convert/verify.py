@@ -168,6 +168,8 @@ class BundleTensors:
 
 def decode_low_bit(tensors: BundleTensors, target: str, variant: str, name: str) -> LowBitTensor:
     """A low-bit linear of any target back to codes and scales, with that format's own decoder."""
+    if target == "gguf":
+        return tensors.low_bit(name)  # type: ignore[attr-defined]
     prefix = name[: -len(".weight")]
     if target != "cuda":
         for key in (name, prefix + ".scales") + ((prefix + ".biases",) if target in MLX_TARGETS else ()):
@@ -215,7 +217,12 @@ def check_weights(
     """
     try:
         folder = manifest.get("layout", {}).get("folders", {}).get("transformer", "transformer")
-        tensors = BundleTensors(bundle / folder)
+        if manifest["target"] == "gguf":
+            from .gguf_source import GGUFTransformer
+
+            tensors = GGUFTransformer(bundle / folder, manifest["variant"])  # type: ignore[assignment]
+        else:
+            tensors = BundleTensors(bundle / folder)
     except InputError as error:
         checks.add("low-bit decode", False, str(error))
         return
@@ -379,6 +386,34 @@ KERNEL_ROWS_SAMPLED = "1,64"
 KERNEL_TIMEOUT_SECONDS = 1800
 
 
+GGUF_GENERATION_SKIPPED = (
+    "skipped: no registry package runs FLUX.2 from a Q1_0/Q2_0 GGUF: stable-diffusion-cpp-python 0.4.7 (PyPI; "
+    "vendored ggml 0.9.8) lacks ggml types 41/42, and llama-cpp-python 0.3.36 (ggml 0.25.3, has them) has no "
+    "FLUX.2 model"
+)
+
+
+def check_ggml(bundle: Path, manifest: dict, checks: Checks) -> None:
+    """Real ggml (llama-cpp-python's libggml-base) parses the GGUF and dequantizes every Q1_0/Q2_0 tensor."""
+    from .ggml_check import GGML, LIBRARY_ENV, check_file, find_library
+    from .gguf_source import GGUF_FILE
+
+    library = find_library()
+    if library is None:
+        checks.skip(
+            "ggml dequantization",
+            "skipped: no libggml-base with types 41/42 here "
+            f"(pip install llama-cpp-python==0.3.36, or set {LIBRARY_ENV})",
+        )
+        return
+    folder = manifest.get("layout", {}).get("folders", {}).get("transformer", "transformer")
+    try:
+        passed, detail = check_file(GGML(library), bundle / folder / GGUF_FILE, manifest["weight_digests"])
+    except (InputError, OSError, AttributeError) as error:
+        passed, detail = False, str(error)
+    checks.add("ggml dequantization", passed, f"{detail}: ggml's own parser and to_float ({library}) vs source digests")
+
+
 def check_golden(bundle: Path, manifest: dict, options: VerifyOptions, checks: Checks) -> float | None:
     """Run the target's runtime on the golden record and compare with the stored reference output."""
     from .runtimes import generate
@@ -464,6 +499,9 @@ def verify_bundle(bundle: Path, options: VerifyOptions) -> dict:
                 pass
             elif manifest["target"] == "packed":
                 checks.skip("generation", "not checked: a packed bundle has no runtime (pack it for a device)")
+            elif manifest["target"] == "gguf":
+                check_ggml(bundle, manifest, checks)
+                checks.skip("generation", GGUF_GENERATION_SKIPPED)
             else:
                 try:
                     psnr_value = check_golden(bundle, manifest, options, checks)
