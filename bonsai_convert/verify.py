@@ -495,12 +495,13 @@ def verify_bundle(bundle: Path, options: VerifyOptions) -> dict:
                 )
             if manifest["target"] == "cuda" and options.generate:
                 check_gemlite_kernels(bundle, options, checks)  # runs with the runtime checks
+            if manifest["target"] == "gguf":
+                check_ggml(bundle, manifest, checks)  # a real ggml reads the file (independent of generation)
             if not options.generate or manifest["golden"] is None:
                 pass
             elif manifest["target"] == "packed":
                 checks.skip("generation", "not checked: a packed bundle has no runtime (pack it for a device)")
             elif manifest["target"] == "gguf":
-                check_ggml(bundle, manifest, checks)
                 checks.skip("generation", GGUF_GENERATION_SKIPPED)
             else:
                 try:
