@@ -24,9 +24,8 @@ def split_tensors(file: GGUFFile) -> list[tuple[str, str, int, int, bool]]:
     """(diffusers name, BFL name, first row, stop row, halves swapped) of every tensor part of the file."""
     parts = []
     for bfl_name, stored in file.tensors.items():
-        rows = stored.shape[0] if len(stored.shape) > 1 else stored.shape[0]
         try:
-            for name, start, stop, swapped in diffusers_parts(bfl_name, rows):
+            for name, start, stop, swapped in diffusers_parts(bfl_name, stored.shape[0]):
                 parts.append((name, bfl_name, start, stop, swapped))
         except ValueError as error:
             raise InputError(f"{file.path}: {error}") from error

@@ -160,3 +160,26 @@ def test_a_truncated_gguf_is_refused_in_one_line(demo_bundle, tmp_path):
     bundle = _tampered_bundle(demo_bundle, tmp_path, lambda data, file: data.__delitem__(slice(len(data) // 2, None)))
     with pytest.raises(InputError, match="past the end|not a readable GGUF"):
         pack(str(bundle), tmp_path / "out", PackOptions(target="iphone", golden=False))
+
+
+def test_corrupted_headers_give_input_errors_only(demo_bundle, tmp_path):
+    """Random byte flips and truncations inside the header: GGUFFile opens the file or raises InputError."""
+    original = (demo_bundle("binary", "gguf") / "transformer" / GGUF_FILE).read_bytes()
+    tensors = GGUFFile(demo_bundle("binary", "gguf") / "transformer" / GGUF_FILE).tensors
+    data_start = min(t.offset for t in tensors.values())
+    rng = np.random.default_rng(7)
+    path = tmp_path / "fuzzed.gguf"
+    for trial in range(300):
+        data = bytearray(original[: data_start + 4096] if trial % 3 else original)
+        for _ in range(int(rng.integers(1, 4))):
+            position = int(rng.integers(0, data_start))
+            data[position] = int(rng.integers(0, 256))
+        if trial % 5 == 0:
+            del data[int(rng.integers(0, data_start)) :]
+        path.write_bytes(bytes(data))
+        try:
+            opened = GGUFFile(path)
+        except InputError:
+            continue
+        for name in opened.tensors:  # every tensor the reader accepts lies inside the file
+            opened.raw(name)
