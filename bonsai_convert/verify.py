@@ -13,11 +13,13 @@ import numpy as np
 
 from .codecs import mlx as mlx_codec
 from .codecs import packed as packed_codec
+from .dtypes import widen
 from .errors import BonsaiError, InputError
-from .lowbit import GROUP_SIZE, LowBitTensor, split_exact, to_fp16
+from .lowbit import GROUP_SIZE, LowBitTensor, split_exact
 from .manifest import MANIFEST, load_manifest, safe_relative
 from .safetensors_io import SafetensorsFile, read_header
 from .source import read_json, sha256_file
+from .targets.base import encode_dense
 from .torch_zip import TorchZipFile
 
 MLX_TARGETS = ("iphone", "ipad", "mac")
@@ -285,13 +287,19 @@ def check_weights(
     if source is None:
         checks.add("weights vs manifest digests", True, "decoded fp16 weights match the digests recorded at pack time")
         return
+    dense_dtype = manifest.get("layout", {}).get("dense_dtype", "F16")
     for tensor in source.tensors:
         if not tensor.low_bit:
             stored = tensors.load(tensor.name)
             values = tensor.load()
-            expected = to_fp16(tensor.name, values) if values.dtype.kind == "f" else values
+            # The source value as the bundle's dense dtype stores it (bf16 only when exact; fp16 rounded).
+            expected = (
+                widen(encode_dense(tensor.name, values, dense_dtype), dense_dtype)
+                if values.dtype.kind == "f"
+                else values
+            )
             if not np.array_equal(stored.view(np.uint8), np.asarray(expected, dtype=stored.dtype).view(np.uint8)):
-                checks.add("weights vs source", False, f"tensor {tensor.name}: differs from the source (fp16)")
+                checks.add("weights vs source", False, f"tensor {tensor.name}: differs from the source ({dense_dtype})")
                 return
     checks.add("weights vs source", True, f"all {len(source.tensors)} transformer tensors bit-exact vs {source_spec}")
 
