@@ -158,8 +158,8 @@ class StoredTensor:
 
 
 class GGUFFile:
-    """A GGUF file opened read-only and memory-mapped, validated; `raw(name)` gives a tensor's stored array
-    (floats [rows, cols], bf16 as uint16 bits; Q1_0/Q2_0 as uint8 blocks [rows, row bytes])."""
+    """A GGUF file's header parsed and validated (GGUFReader maps it only while parsing); `raw(name)` maps a tensor's
+    stored array (floats [rows, cols], bf16 as uint16 bits; Q1_0/Q2_0 as uint8 blocks [rows, row bytes])."""
 
     def __init__(self, path: Path, allowed_types: tuple[int, ...] = tuple(BLOCKS)):
         import gguf
@@ -174,7 +174,6 @@ class GGUFFile:
             reader = _Reader(self.path)
         except (ValueError, IndexError, OverflowError, TypeError, KeyError, UnicodeDecodeError, OSError) as error:
             raise InputError(f"{self.path}: not a readable GGUF file ({error})") from error
-        self._data = reader.data
         self.metadata: dict[str, object] = {}
         for key, value in reader.fields.items():
             if key.startswith("GGUF."):
@@ -183,7 +182,7 @@ class GGUFFile:
                 self.metadata[key] = value.contents()
             except (ValueError, IndexError, UnicodeDecodeError) as error:
                 raise InputError(f"{self.path}: key {key}: unreadable value ({error})") from error
-        size = self._data.shape[0]
+        size = reader.data.shape[0]
         self.tensors: dict[str, StoredTensor] = {}
         for item in reader.bonsai_tensor_fields:
             _, name_bytes, _, dims, raw_type, offset = item.parts
@@ -209,10 +208,10 @@ class GGUFFile:
             self.tensors[name] = tensor
 
     def raw(self, name: str) -> np.ndarray:
+        """A fresh read-only map of one tensor (unmapped when dropped: pages read do not pile up in the process)."""
         tensor = self.tensors[name]
-        info = GGUFTensor(name, tensor.ggml_type, tensor.shape)
-        data = self._data[tensor.offset : tensor.offset + info.nbytes]
+        nbytes = GGUFTensor(name, tensor.ggml_type, tensor.shape).nbytes
         if tensor.ggml_type in NUMPY_OF_TYPE:
-            return data.view(NUMPY_OF_TYPE[tensor.ggml_type]).reshape(tensor.shape)
+            return np.memmap(self.path, NUMPY_OF_TYPE[tensor.ggml_type], "r", tensor.offset, tensor.shape)
         rows = tensor.shape[0] if len(tensor.shape) > 1 else 1
-        return data.reshape(rows, info.nbytes // rows)
+        return np.memmap(self.path, np.uint8, "r", tensor.offset, (rows, nbytes // rows))
