@@ -419,7 +419,7 @@ def check_ggml(bundle: Path, manifest: dict, checks: Checks) -> None:
         passed, detail = check_file(GGML(library), bundle / folder / GGUF_FILE, manifest["weight_digests"])
     except (InputError, OSError, AttributeError) as error:
         passed, detail = False, str(error)
-    checks.add("ggml dequantization", passed, f"{detail}: ggml's own parser and to_float ({library}) vs source digests")
+    checks.add("ggml dequantization", passed, f"ggml's parser and to_float ({library}) vs the source digests: {detail}")
 
 
 def check_golden(bundle: Path, manifest: dict, options: VerifyOptions, checks: Checks) -> float | None:
