@@ -12,27 +12,20 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .errors import BonsaiError, UsageError, VerifyFailed
+from .vocabulary import KERNEL_MODES, PACK_VARIANTS, TARGETS, VARIANTS
+
+
+def choices(name: str, values: tuple[str, ...]) -> type[Enum]:
+    """A str Enum of `values` (each member named as its value) for a typer option."""
+    return Enum(name, {choice: choice for choice in values}, type=str)  # type: ignore[return-value]
 
 
 # Every choice on the command line is an Enum: click refuses any other value as a usage error (exit 2) listing them.
-class TargetName(str, Enum):
-    packed = "packed"
-    iphone = "iphone"
-    ipad = "ipad"
-    mac = "mac"
-    cuda = "cuda"
-    gguf = "gguf"
-
-
-class VariantName(str, Enum):
-    binary = "binary"
-    ternary = "ternary"
-
-
-class PackVariant(str, Enum):
-    auto = "auto"
-    binary = "binary"
-    ternary = "ternary"
+# The words come from bonsai_convert.vocabulary, where each is defined once.
+TargetName = choices("TargetName", TARGETS)
+VariantName = choices("VariantName", VARIANTS)
+PackVariant = choices("PackVariant", PACK_VARIANTS)
+KernelMode = choices("KernelMode", KERNEL_MODES)
 
 
 class Quantizer(str, Enum):
@@ -106,7 +99,7 @@ def main_options(debug: bool = typer.Option(False, "--debug", help="Show traceba
 @app.command()
 def demo(
     out: Path = typer.Argument(..., help="Folder to write the tiny demo checkpoint to."),
-    variant: VariantName = typer.Option(VariantName.ternary, help="binary or ternary"),
+    variant: VariantName = typer.Option("ternary", help="binary or ternary"),
     seed: int = typer.Option(0, help="Random seed."),
     force: bool = typer.Option(False, help="Replace OUT if it exists."),
 ) -> None:
@@ -124,7 +117,7 @@ def pack(
     source: str = typer.Argument(..., help="diffusers folder, packed bundle, BFL .safetensors, or demo:binary|ternary"),
     target: TargetName = typer.Option(..., "--target", "-t", help="Device target."),
     out: Path = typer.Option(..., "--out", "-o", help="Bundle folder to create."),
-    variant: PackVariant = typer.Option(PackVariant.auto, help="auto (detect), binary or ternary"),
+    variant: PackVariant = typer.Option("auto", help="auto (detect), binary or ternary"),
     quantize: Quantizer | None = typer.Option(None, help="absmean: lossy projection of full-precision weights"),
     dtype: DenseDtype | None = typer.Option(
         None, help="Dense float dtype: bfloat16 (MLX default, what the released loaders read) or float16."
@@ -180,6 +173,9 @@ def generate(
     dtype: ComputeDtype | None = typer.Option(None, help="Compute dtype: float16 (default) or float32."),
 ) -> None:
     """Generate an image from a bundle with its target's reference runtime."""
+    from .runtimes import enable_runtime_speedups
+
+    enable_runtime_speedups()  # before anything imports MLX
     import io
     import time
 
@@ -283,18 +279,18 @@ def verify(
     report: Path | None = typer.Option(None, help="Write the JSON report here."),
     image: Path | None = typer.Option(None, help="Write reference | bundle | difference as PNG here."),
     generate: bool = typer.Option(True, "--generate/--no-generate", help="Run the golden-image check."),
-    no_golden: bool = typer.Option(False, "--no-golden", help="Same as --no-generate."),
     min_psnr: float | None = typer.Option(None, help="Minimum PSNR in dB (default 40 fp32, 35 fp16)."),
     dtype: ComputeDtype | None = typer.Option(None, help="Runtime compute dtype (default: the golden record's)."),
-    kernels: str = typer.Option(
+    kernels: KernelMode = typer.Option(
         "auto",
         help="cuda bundles without a GPU: 'interpreter' runs gemlite's own kernels on every low-bit layer (Triton "
         "interpreter, required), 'fallback' only our decoder, 'auto' the interpreter when installed.",
     ),
 ) -> None:
     """The release gate: integrity, bit-exact weights, and the golden image. Exit 0 only if all checks pass."""
-    if kernels not in ("auto", "interpreter", "fallback"):
-        raise UsageError(f"--kernels must be auto, interpreter or fallback, not {kernels!r}")
+    from .runtimes import enable_runtime_speedups
+
+    enable_runtime_speedups()  # before anything imports MLX
     from rich.table import Table
 
     from .schemas import validate
@@ -303,11 +299,11 @@ def verify(
 
     options = VerifyOptions(
         source=source,
-        generate=generate and not no_golden,
+        generate=generate,
         min_psnr=min_psnr,
         image=image,
         dtype=value(dtype),
-        kernels=kernels,
+        kernels=str(value(kernels)),
     )
     result = verify_bundle(bundle, options)
     validate(result, "verify_report", "verify report")

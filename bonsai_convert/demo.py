@@ -16,8 +16,9 @@ from .lowbit import GROUP_SIZE, is_low_bit_key
 
 DEMO_SOURCES = ("demo:binary", "demo:ternary")
 
-# Tiny configs after REFERENCE.md §1, but hidden 640 = 10 heads × 64: every low-bit in_features (640, 1920, 2560)
-# is divisible by 128 (group size) and by 5 (ternary bytes), so no row needs padding.
+# Tiny configs with FLUX.2 [klein]'s structure (model_shapes.KLEIN_4B_TRANSFORMER), but hidden 640 = 10 heads × 64:
+# every low-bit in_features (640, 1920, 2560) is divisible by 128 (group size) and by 5 (ternary bytes), so no row
+# needs padding.
 TRANSFORMER_CONFIG = dict(
     patch_size=1,
     in_channels=128,

@@ -18,7 +18,7 @@ from .model_shapes import (
     transformer_shapes,
     vae_shapes,
 )
-from .source import Source, component_tensors, quantized_text_encoder
+from .sources import Source, component_tensors, quantized_text_encoder
 
 Shapes = dict[str, tuple[tuple[int, ...], str]]
 # Files that travel from a source's root into the bundle unchanged (licence terms of the weights).
@@ -146,7 +146,7 @@ def describe(source: Source) -> ModelDescription:
     for name in ("tokenizer", "scheduler"):
         if name in source.components:
             description.copied_files[name] = copied_files_of(source.components[name])
-    if source.root is not None and source.kind != "bfl":
+    if source.root is not None:  # a folder source (a single BFL file has none)
         for name in ROOT_FILES:
             path = source.root / name
             if path.is_file() and not refused_link(path):  # a Hub cache's blob link is the file itself
@@ -158,7 +158,7 @@ def describe(source: Source) -> ModelDescription:
 
 def describe_source(spec: str) -> ModelDescription:
     """A source folder/file read through its headers and configs only (no tensor is loaded)."""
-    from .source import open_source
+    from .sources import open_source
 
     return describe(open_source(spec))
 

@@ -29,3 +29,15 @@ def widen(values: np.ndarray, float_dtype: str) -> np.ndarray:
     if float_dtype == "BF16" and values.dtype == np.uint16:
         return (values.astype(np.uint32) << 16).view(np.float32)
     return values
+
+
+def widen_bf16_rows(stored: np.ndarray) -> np.ndarray:
+    """float32 values of bf16 bit patterns (exact); the compiled pass writes them into this thread's reused buffer
+    (valid until its next call), the reference path (BONSAI_CONVERT_REFERENCE=1) into a fresh array."""
+    from . import kernels
+
+    if not kernels.ENABLED:
+        return (np.asarray(stored, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+    values = kernels.scratch("widened", stored.shape, np.uint32)
+    kernels.widen_bf16(np.ascontiguousarray(stored).reshape(-1), values.reshape(-1))
+    return values.view(np.float32)

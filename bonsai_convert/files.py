@@ -1,4 +1,5 @@
-"""Reading files safely: small JSON configs, streaming sha256, folders without symbolic links, bundle manifests.
+"""Reading files safely: small JSON configs, streaming sha256 (SourceHasher: on a thread while pack converts),
+folders without symbolic links, bundle manifests.
 
 The lowest layer of the converter (no other module of the package is imported here but errors/schemas/safetensors).
 """
@@ -8,8 +9,11 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
+import queue
 import re
 import stat
+import threading
+from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -199,3 +203,49 @@ def is_our_manifest(value: dict) -> bool:
     """Whether a parsed manifest.json was written by bonsai-convert (others, e.g. PrismML's, are not ours)."""
     tool = value.get("tool")
     return isinstance(tool, dict) and tool.get("name") == "bonsai-convert"
+
+
+class SourceHasher:
+    """sha256 of every source file (the manifest's source identity) on a thread of its own, while pack converts.
+
+    Each file is read once, in order, from the page cache the conversion is filling anyway (or into it, ahead
+    of the conversion, on a cold cache); `sha256_file` inside `known_sha256()` waits for the result.
+    """
+
+    def __init__(self, paths: list[Path]):
+        self._stop = threading.Event()
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.paths: set[Path] = set()
+        self._keys: set[tuple[int, ...]] = set()
+        self.add(paths)
+        self._thread = threading.Thread(target=self._run, name="source-sha256", daemon=True)
+        self._thread.start()
+
+    def add(self, paths: list[Path]) -> None:
+        for path in paths:
+            future: Future = Future()
+            try:
+                key = file_key(path)
+            except OSError:
+                continue  # gone or unreadable: whoever needs it reads it and reports
+            if key in self._keys:
+                continue
+            self._keys.add(key)
+            self.paths.add(path)
+            remember_sha256(path, future)
+            self._queue.put((path, future))
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                path, future = self._queue.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            try:
+                future.set_result(sha256_stream(path, stop=self._stop))
+            except BaseException as error:  # noqa: BLE001 - handed to whoever asks for this digest
+                future.set_exception(error)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()

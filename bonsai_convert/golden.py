@@ -8,7 +8,7 @@ import numpy as np
 
 from .layout import GOLDEN_DIR, GoldenPlan, golden_file_specs, golden_settings  # noqa: F401 - re-exported
 from .safetensors_io import SafetensorsWriter, TensorSpec
-from .source import Source
+from .sources import Source
 
 
 def write_tensors(path: Path, tensors: dict[str, np.ndarray]) -> None:

@@ -18,9 +18,8 @@ from .summary import FileEntry, numel
 from .targets.base import Planned, Target, dense_output
 from .targets.mlx import MLXTarget
 from .targets.packed import PackedTarget
+from .vocabulary import GGUF_TARGET, MLX_TARGETS, PACKED_TARGET, TARGETS
 
-TARGETS = ("packed", "iphone", "ipad", "mac", "cuda", "gguf")
-MLX_TARGETS = ("iphone", "ipad", "mac")
 DENSE_DTYPES = {"bfloat16": "BF16", "float16": "F16"}
 GOLDEN_DIR = "golden"
 DEFAULT_GOLDEN_PROMPT = "a bonsai tree on a wooden table, studio light"
@@ -38,11 +37,11 @@ def make_target(name: str, dense_dtype: str | None = None) -> Target:
     """The writer of a target name; dense_dtype (bfloat16/float16) overrides the target's default float dtype."""
     if name not in TARGETS:
         raise ValueError(name)
-    if name == "packed":
+    if name == PACKED_TARGET:
         target: Target = PackedTarget()
     elif name in MLX_TARGETS:
         target = MLXTarget(name)
-    elif name == "gguf":
+    elif name == GGUF_TARGET:
         from .targets.gguf import GGUFTarget
 
         target = GGUFTarget()

@@ -16,7 +16,6 @@ import numpy as np
 from .errors import InputError
 
 GROUP_SIZE = 128
-VARIANTS = ("binary", "ternary")
 FP16_MAX = float(np.finfo(np.float16).max)
 
 # A block linear: a 2-D `.weight` inside transformer_blocks.N or single_transformer_blocks.N that is not a norm.
@@ -160,10 +159,13 @@ def split_exact_stored(
 
     Same codes, scales and errors as `split_exact` on the widened values: on any bad group the plain
     implementation is rerun to raise its message. `stored` may be a read-only memory map (it is only read).
+    With BONSAI_CONVERT_REFERENCE=1 the plain implementation gives the same arrays.
     """
-    from .kernels import BF16_TO_FP16, split_groups
+    from . import kernels
 
     check_group_shape(name, stored.shape)
+    if not kernels.ENABLED:
+        return _split_exact_stored_reference(name, stored, stored_dtype, variant, out)
     if stored_dtype == "BF16":
         source, use_table = np.ascontiguousarray(stored, dtype=np.uint16), True
     elif stored_dtype == "F16":
@@ -177,12 +179,31 @@ def split_exact_stored(
         codes = np.empty((rows, cols), dtype=np.int8)
         scale_bits = np.empty((rows, cols // GROUP_SIZE), dtype=np.uint16)
         decoded = np.empty((rows, cols), dtype=np.uint16)
-    bad, _ = split_groups(source, BF16_TO_FP16, use_table, variant != "binary", codes, scale_bits, decoded)
+    bad, _ = kernels.split_groups(
+        source, kernels.BF16_TO_FP16, use_table, variant != "binary", codes, scale_bits, decoded
+    )
     if bad >= 0:
         values = (source.astype(np.uint32) << 16).view(np.float32) if use_table else source.view(np.float16)
         split_exact(name, values, variant)  # raises the message of the first bad group
         raise AssertionError(f"{name}: compiled split and split_exact disagree")  # pragma: no cover
     return LowBitTensor(name, codes, scale_bits.view(np.float16)), decoded
+
+
+def _split_exact_stored_reference(
+    name: str, stored: np.ndarray, stored_dtype: str, variant: str, out: tuple[np.ndarray, ...] | None
+) -> tuple[LowBitTensor, np.ndarray]:
+    """`split_exact_stored` by `split_exact` of the widened values and `dense_from_codes_reference`."""
+    if stored_dtype == "BF16":
+        values = (np.asarray(stored, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+    else:
+        values = np.asarray(stored)
+    part = split_exact(name, values, variant)
+    decoded = dense_from_codes_reference(part.codes, part.scales).view(np.uint16)
+    if out is None:
+        return part, decoded
+    codes, scale_bits, decoded_out = out
+    codes[...], scale_bits[...], decoded_out[...] = part.codes, part.scales.view(np.uint16), decoded
+    return LowBitTensor(name, codes, scale_bits.view(np.float16)), decoded_out
 
 
 def quantize_absmean(name: str, weight: np.ndarray, variant: str) -> LowBitTensor:

@@ -10,7 +10,7 @@ from .files import MANIFEST, load_manifest, read_json, safe_relative, sha256_fil
 from .layout import json_bytes
 from .safetensors_io import read_header
 from .schemas import validate
-from .source import Source
+from .sources import Source
 from .summary import FileEntry, numel, summarize  # noqa: F401 - re-exported
 from .torch_zip import TorchZipFile
 
@@ -31,7 +31,7 @@ def bundle_entries(root: Path) -> list[FileEntry]:
         elif path.suffix == ".pt":  # Gemlite's state_dict.pt, read without unpickling
             tensors = tuple(sorted((name, info.nbytes) for name, info in TorchZipFile(path).tensors.items()))
         elif path.suffix == ".gguf":  # each diffusers tensor inside it (formats/gguf.md)
-            from .gguf_source import piece_sizes
+            from .sources.gguf import piece_sizes
 
             tensors = piece_sizes(path)
         entries.append(FileEntry(relative, path.stat().st_size, tensors))
@@ -95,7 +95,7 @@ def build_manifest(
     low_bit_weights = sum(numel(t.shape) for t in source.tensors if t.low_bit)
     transformer_weights = sum(numel(t.shape) for t in source.tensors)
     summary = summarize(entries, fp16_sizes(model), low_bit_weights, transformer_weights)
-    exact = options.quantize is None and source.packed_exact
+    exact = options.quantize is None and source.exact
     manifest = {
         "format_version": FORMAT_VERSION,
         "tool": {"name": "bonsai-convert", "version": __version__, "dependencies": dependency_versions()},

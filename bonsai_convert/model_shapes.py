@@ -12,7 +12,7 @@ from importlib import metadata
 
 from .files import cache_dir
 
-# FLUX.2 [klein] 4B, REFERENCE.md §1.
+# FLUX.2 [klein] 4B: the transformer config of black-forest-labs/FLUX.2-klein-4B (diffusers 0.42.1).
 KLEIN_4B_TRANSFORMER = dict(
     _class_name="Flux2Transformer2DModel",
     patch_size=1,

@@ -6,11 +6,10 @@ import contextlib
 import gc
 import hashlib
 import os
-import queue
 import shutil
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,13 +18,12 @@ import numpy as np
 from . import kernels
 from .atomic import atomic_folder
 from .description import describe, transformer_shapes_of  # noqa: F401 - transformer_shapes_of re-exported
-from .dtypes import widen
+from .dtypes import widen, widen_bf16_rows
 from .errors import FitError, InputError, UsageError
-from .files import file_key, known_sha256, remember_sha256, sha256_stream
+from .files import SourceHasher, known_sha256, remember_sha256
 from .gguf_io import GGUFFileWriter
 from .layout import (
     DEFAULT_GOLDEN_PROMPT,
-    TARGETS,
     BundleLayout,
     ComponentLayout,
     bundle_layout,
@@ -33,7 +31,6 @@ from .layout import (
     make_target,
 )
 from .lowbit import (
-    VARIANTS,
     LowBitTensor,
     dense_from_codes,
     needs_ternary,
@@ -43,8 +40,8 @@ from .lowbit import (
     to_fp16,
 )
 from .profiles import profile_for
-from .safetensors_io import PositionalHashingWriter, SafetensorsFile, SafetensorsWriter, bf16_bits_to_float32
-from .source import (
+from .safetensors_io import PositionalHashingWriter, SafetensorsFile, SafetensorsWriter
+from .sources import (
     GemliteTextEncoder,
     QuantizedTextEncoder,
     Source,
@@ -52,8 +49,9 @@ from .source import (
     open_source,
     quantized_text_encoder,
 )
-from .targets.base import Target, encode_dense
+from .targets.base import Target, encode_dense, encode_dense_stored
 from .torch_zip import TorchZipWriter
+from .vocabulary import AUTO_VARIANT, PACK_VARIANTS, TARGETS
 
 ROWS_PER_CHUNK = 2048  # rows of a low-bit weight converted at once (bounds memory for 27648 x 3072 tensors)
 PACK_THREADS = 2
@@ -62,7 +60,7 @@ PACK_THREADS = 2
 @dataclass
 class PackOptions:
     target: str
-    variant: str = "auto"
+    variant: str = AUTO_VARIANT
     quantize: str | None = None
     force: bool = False
     golden: bool = True
@@ -89,13 +87,13 @@ def weight_digest(tensor: LowBitTensor) -> str:
 class VariantResolver:
     """Decides the variant from the first low-bit tensor (auto) and holds every later tensor to it."""
 
-    def __init__(self, requested: str, quantize: str | None, packed_variant: str | None):
-        self.variant = None if requested == "auto" else requested
+    def __init__(self, requested: str, quantize: str | None, stored_variant: str | None):
+        self.variant = None if requested == AUTO_VARIANT else requested
         self.quantize = quantize
-        if packed_variant:
-            if self.variant == "binary" and packed_variant == "ternary":
+        if stored_variant:
+            if self.variant == "binary" and stored_variant == "ternary":
                 raise UsageError("--variant binary: the packed source is ternary")
-            self.variant = self.variant or packed_variant
+            self.variant = self.variant or stored_variant
         if quantize and self.variant is None:
             raise UsageError("--quantize absmean needs --variant binary or ternary")
 
@@ -114,7 +112,7 @@ class VariantResolver:
         reuse_buffers: the codes live in this thread's scratch buffer (valid until the thread's next split).
         """
         variant = self.variant or "ternary"
-        fused = stored_rows is not None and not self.quantize and kernels.ENABLED
+        fused = stored_rows is not None and not self.quantize
         digest = hashlib.sha256() if fused else None
         codes = scales = None
         for start in range(0, rows, ROWS_PER_CHUNK):
@@ -208,13 +206,12 @@ def _write_dense_component(
         shape = info.shape
         outputs = layout.outputs_of[source_name]
         dense = (
-            kernels.ENABLED
-            and len(outputs) == 1
+            len(outputs) == 1
             and outputs[0].spec.name == source_name
             and outputs[0].spec.dtype in ("F16", "BF16")
             and info.dtype in ("BF16", "F16")
         )
-        from_stored = kernels.ENABLED and encode_stored is not None and info.dtype in ("BF16", "F16")
+        from_stored = encode_stored is not None and info.dtype in ("BF16", "F16")
 
         def rows_of(start: int, stop: int) -> dict[str, np.ndarray]:
             stored = handle.raw(source_name)[start:stop]  # a view of the mapped file: read once, by the kernel
@@ -225,10 +222,8 @@ def _write_dense_component(
             encoded = encode_stored(source_name, stored, info.dtype) if from_stored and stored.ndim == 2 else None
             if encoded is not None:
                 return encoded
-            if kernels.ENABLED and info.dtype == "BF16" and stored.ndim == 2:  # widened into a reused buffer
-                values = kernels.scratch("widened", stored.shape, np.uint32)
-                kernels.widen_bf16(np.ascontiguousarray(stored).reshape(-1), values.reshape(-1))
-                return encode(source_name, values.view(np.float32))
+            if info.dtype == "BF16" and stored.ndim == 2:  # widened into a reused buffer
+                return encode(source_name, widen_bf16_rows(stored))
             return encode(source_name, handle.load_rows(source_name, start, stop))
 
         def whole() -> dict[str, np.ndarray]:
@@ -270,30 +265,6 @@ def stored_reader(tensor) -> tuple[Callable[[int, int], np.ndarray], str] | None
         return raw[start:stop] if tensor.rows is None else np.array(raw[list(tensor.rows[start:stop])])
 
     return read, dtype
-
-
-def encode_dense_stored(
-    name: str, stored: np.ndarray, stored_dtype: str, float_dtype: str, out: np.ndarray | None = None
-) -> np.ndarray:
-    """`encode_dense` of the widened values, from the stored values in one compiled pass (same bytes, same errors).
-
-    bf16 → BF16 and f16 → F16 are copies with a finiteness check; bf16 → F16 goes through a 65536-entry table.
-    Anything else, or a non-finite value to report, takes `encode_dense` itself.
-    """
-    from .kernels import BF16_TO_FP16, all_finite, convert_table
-
-    if kernels.ENABLED and stored_dtype in ("BF16", "F16") and float_dtype in ("BF16", "F16"):
-        bits = np.ascontiguousarray(stored).view(np.uint16)
-        flat = bits.reshape(-1)
-        if stored_dtype == float_dtype:
-            if all_finite(flat, np.uint16(0x7C00 if float_dtype == "F16" else 0x7F80)):
-                return bits.view(np.float16) if float_dtype == "F16" else bits
-        elif stored_dtype == "BF16":
-            out = np.empty(bits.shape, dtype=np.uint16) if out is None else out  # out: a uint16 buffer to fill
-            if convert_table(flat, BF16_TO_FP16, out.reshape(-1)):
-                return out.view(np.float16)
-    values = bf16_bits_to_float32(stored) if stored_dtype == "BF16" else stored
-    return encode_dense(name, values, float_dtype)
 
 
 def _write_prequantized_text_encoder(
@@ -367,7 +338,7 @@ def write_transformer(
     first = low_bit[0] if low_bit else None
 
     def low_bit_tensor(tensor, reuse_buffers: bool = False) -> LowBitTensor:
-        if source.kind in ("packed", "mlx", "gemlite", "gguf"):  # codes stored: decoded, never re-split
+        if source.stored_variant is not None:  # the source stores codes: decoded, never re-split
             decoded = source.read_low_bit(tensor)
             assert isinstance(decoded, LowBitTensor)
             return decoded
@@ -421,7 +392,7 @@ def check_fit(model, source: Source, options: PackOptions, profile: dict) -> dic
 
     if profile["memory_budget_bytes"] == 0 or source.transformer_only:
         return None
-    variant = source.packed_variant or (options.variant if options.variant != "auto" else "ternary")
+    variant = source.stored_variant or (options.variant if options.variant != AUTO_VARIANT else "ternary")
     memory = plan(
         model,
         options.target,
@@ -438,52 +409,6 @@ def check_fit(model, source: Source, options: PackOptions, profile: dict) -> dic
             f"{memory['budget_bytes'] / 1e9:.2f} GB (use --force to write it anyway)"
         )
     return memory
-
-
-class SourceHasher:
-    """sha256 of every source file (the manifest's source identity) on a thread of its own, while pack converts.
-
-    Each file is read once, in order, from the page cache the conversion is filling anyway (or into it, ahead
-    of the conversion, on a cold cache); `sha256_file` inside `known_sha256()` waits for the result.
-    """
-
-    def __init__(self, paths: list[Path]):
-        self._stop = threading.Event()
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self.paths: set[Path] = set()
-        self._keys: set[tuple[int, ...]] = set()
-        self.add(paths)
-        self._thread = threading.Thread(target=self._run, name="source-sha256", daemon=True)
-        self._thread.start()
-
-    def add(self, paths: list[Path]) -> None:
-        for path in paths:
-            future: Future = Future()
-            try:
-                key = file_key(path)
-            except OSError:
-                continue  # gone or unreadable: whoever needs it reads it and reports
-            if key in self._keys:
-                continue
-            self._keys.add(key)
-            self.paths.add(path)
-            remember_sha256(path, future)
-            self._queue.put((path, future))
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                path, future = self._queue.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            try:
-                future.set_result(sha256_stream(path, stop=self._stop))
-            except BaseException as error:  # noqa: BLE001 - handed to whoever asks for this digest
-                future.set_exception(error)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def _files_to_hash(source_spec: str) -> list[Path]:
@@ -525,7 +450,7 @@ def use_mmap_for_large_arrays() -> None:
 def pack(source_spec: str, out: Path, options: PackOptions, progress=None) -> dict:
     """Pack SOURCE into a bundle at OUT for options.target (executing its layout); return the manifest."""
     use_mmap_for_large_arrays()
-    if options.variant not in ("auto", *VARIANTS):
+    if options.variant not in PACK_VARIANTS:
         raise UsageError(f"--variant {options.variant}: choose auto, binary or ternary")
     if options.quantize not in (None, "absmean"):
         raise UsageError(f"--quantize {options.quantize}: only absmean is supported")
@@ -557,7 +482,7 @@ def _pack_source(source: Source, source_spec: str, out: Path, options: PackOptio
     from .manifest import build_manifest
 
     model = describe(source)
-    resolver = VariantResolver(options.variant, options.quantize, source.packed_variant)
+    resolver = VariantResolver(options.variant, options.quantize, source.stored_variant)
     tick = progress.tick if progress else (lambda: None)
     memory = check_fit(model, source, options, profile)
 
@@ -574,7 +499,7 @@ def _pack_source(source: Source, source_spec: str, out: Path, options: PackOptio
         )
 
     if progress:
-        planned = lay_out(source.packed_variant or "binary")
+        planned = lay_out(source.stored_variant or "binary")
         total = sum(len(c.outputs_of) for c in planned.components.values())
         progress.start(f"packing {source_spec} → {options.target}", total)
     with atomic_folder(out, options.force) as root:

@@ -7,10 +7,9 @@ from functools import lru_cache
 
 from .errors import UsageError
 from .schemas import package_data, validate
+from .vocabulary import TARGETS
 
 PROFILES_DATA = "data/profiles.json"  # inside the bonsai_convert package
-MLX_TARGETS = ("iphone", "ipad", "mac")
-TARGETS = ("packed", *MLX_TARGETS, "cuda", "gguf")
 
 
 @lru_cache(maxsize=1)

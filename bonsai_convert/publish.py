@@ -17,7 +17,6 @@ deduplicates chunks already sent.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from collections.abc import Iterable
@@ -39,13 +38,12 @@ from rich.table import Table
 
 from . import __version__
 from .errors import InputError, RemoteError, UsageError
+from .files import load_manifest, sha256_stream
 from .verify_record import MANIFEST_NAME, find_pass
+from .vocabulary import DEFAULT_BASE_MODEL, TARGETS, VARIANTS
 
-DEFAULT_BASE_MODEL = "black-forest-labs/FLUX.2-klein-4B"
 CARD_NAME = "README.md"
 DEFAULT_REVISION = "main"
-TARGETS = ("packed", "iphone", "ipad", "mac", "cuda")
-VARIANTS = ("binary", "ternary")
 # Hub library keys (huggingface.js model-libraries): MLX bundles load with MLX, CUDA bundles are diffusers
 # pipelines with Gemlite linears (Gemlite is no Hub library). Packed codes load with no Hub library: omitted.
 LIBRARY_BY_TARGET: dict[str, str | None] = {
@@ -54,6 +52,7 @@ LIBRARY_BY_TARGET: dict[str, str | None] = {
     "mac": "mlx",
     "cuda": "diffusers",
     "packed": None,
+    "gguf": None,  # the Hub recognises .gguf files by themselves; stable-diffusion.cpp is no Hub library key
 }
 TARGET_DESCRIPTION = {
     "packed": "the canonical packed format (codes at information size, the source for other targets)",
@@ -61,6 +60,7 @@ TARGET_DESCRIPTION = {
     "ipad": "MLX on iPad",
     "mac": "MLX on Apple-silicon Macs",
     "cuda": "NVIDIA GPUs through diffusers with Gemlite low-bit kernels",
+    "gguf": "stable-diffusion.cpp / ggml: one GGUF transformer with upstream ggml Q1_0 / Q2_0 low-bit linears",
 }
 COMPONENT_ORDER = ("transformer", "text_encoder", "vae", "tokenizer", "scheduler", "configs", "golden")
 RESERVED_PATHS = (MANIFEST_NAME, CARD_NAME, ".gitattributes")
@@ -102,22 +102,6 @@ class PublishResult:
 # ------------------------------------------------------------------------------------------------ manifest
 
 
-def load_manifest(bundle_dir: str | Path) -> dict:
-    """Read and minimally check `bundle_dir/manifest.json` (InputError naming the problem)."""
-    path = Path(bundle_dir) / MANIFEST_NAME
-    try:
-        manifest = json.loads(path.read_bytes())
-    except FileNotFoundError:
-        raise InputError(f"{path}: no manifest.json (not a bundle folder)") from None
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), list):
-        raise InputError(f"{path}: expected an object with a 'files' list")
-    return manifest
-
-
 def manifest_files(manifest: dict) -> list[BundleFile]:
     """The manifest's `files`, validated (safe relative paths, sizes, sha256s), sorted by path."""
     seen: set[str] = set()
@@ -140,17 +124,6 @@ def manifest_files(manifest: dict) -> list[BundleFile]:
         seen.add(path)
         result.append(BundleFile(path=path, bytes=size, sha256=sha))
     return sorted(result, key=lambda f: f.path)
-
-
-def _hash_file(path: Path) -> tuple[int, str]:
-    """(size, sha256 hex) of a file, streamed."""
-    digest = hashlib.sha256()
-    size = 0
-    with path.open("rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-    return size, digest.hexdigest()
 
 
 def _git_blob_id(path: Path, size: int) -> str:
@@ -185,8 +158,7 @@ def check_bundle_files(bundle_dir: str | Path, files: Iterable[BundleFile]) -> N
                 f"{item.path}: {actual_size} bytes but manifest.json says {item.bytes}: the file changed "
                 "after verify; re-run verify"
             )
-        _, actual_sha = _hash_file(local)
-        if actual_sha != item.sha256:
+        if sha256_stream(local) != item.sha256:
             raise InputError(
                 f"{item.path}: sha256 differs from manifest.json: the file changed after verify; re-run verify"
             )
@@ -542,7 +514,7 @@ def publish(
     _check_repo_id(repo_id)
     rev = revision or DEFAULT_REVISION
 
-    manifest = load_manifest(bundle)
+    manifest = load_manifest(Path(bundle))  # schema-validated, every listed path safe
     files = manifest_files(manifest)
     report = find_pass(bundle)
     if report is None and not allow_unverified:

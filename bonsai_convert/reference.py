@@ -19,7 +19,7 @@ import numpy as np
 
 from .lowbit import LowBitTensor
 from .quiet import quiet_libraries  # noqa: F401 - re-exported
-from .source import Source
+from .sources import Source
 
 
 def source_transformer(source: Source, dtype):
@@ -89,7 +89,6 @@ def _replace_module(model, name: str, module) -> None:
 def exact_codes(tensor) -> LowBitTensor | None:
     """A dense source's low-bit weight split into codes + scales (row chunks, the compiled split where it can), or
     None when it is not exactly binary/ternary (then the reference keeps it dense)."""
-    from . import kernels
     from .errors import InputError
     from .lowbit import GROUP_SIZE, split_exact, split_exact_stored
 
@@ -97,7 +96,7 @@ def exact_codes(tensor) -> LowBitTensor | None:
     codes = np.empty((rows, cols), dtype=np.int8)
     scales = np.empty((rows, cols // GROUP_SIZE), dtype=np.float16)
     stored_dtype = tensor.file.tensors[tensor.key].dtype
-    compiled = kernels.ENABLED and tensor.rows is None and stored_dtype in ("BF16", "F16", "F32")
+    compiled = tensor.rows is None and stored_dtype in ("BF16", "F16", "F32")
     try:
         for start in range(0, rows, 2048):
             stop = min(rows, start + 2048)
@@ -224,7 +223,7 @@ def layerwise_text_encoder(folder, config, dtype, shipped=None, prequantized: bo
 
         import torch
 
-        from .source import quantized_text_encoder
+        from .sources import quantized_text_encoder
 
         reader = quantized_text_encoder(PathType(folder))
 

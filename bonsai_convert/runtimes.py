@@ -8,8 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UsageError
-
-MLX_TARGETS = ("iphone", "ipad", "mac")
+from .vocabulary import MLX_TARGETS
 
 
 @dataclass
@@ -20,6 +19,16 @@ class RuntimeOutput:
     peak_memory_bytes: int | None = None
     truncated: bool = False
     backend: str = ""
+
+
+def enable_runtime_speedups() -> None:
+    """Process-wide settings the MLX runtime needs on Linux CPU (fast BLAS, freed memory kept), applied before
+    anything imports MLX: the `generate` and `verify` commands call it first."""
+    try:
+        import bonsai_mlx
+    except ImportError:  # MLX's runtime is not installed: nothing to set up
+        return
+    bonsai_mlx.enable_cpu_speedups()
 
 
 def generate(
@@ -36,9 +45,11 @@ def generate(
 ) -> RuntimeOutput:
     """Run the target's reference runtime on a bundle."""
     if target in MLX_TARGETS:
-        from bonsai_mlx import load_pipeline  # noqa: I001 - first: it loads a fast BLAS before MLX (blas.py)
+        import bonsai_mlx
 
+        bonsai_mlx.enable_cpu_speedups()  # a no-op when the command already did it before anything imported MLX
         import mlx.core as mx
+        from bonsai_mlx import load_pipeline
 
         if dtype is None and mx.default_device() == mx.cpu:
             dtype = "float32"  # MLX's CPU backend has no fast fp16 kernels (a 1-bit fp16 matmul is ~40x slower)

@@ -1,10 +1,11 @@
 """Validated, memory-mapped safetensors reading and streaming, deterministic safetensors writing.
 
-Written by hand on purpose: the `safetensors` package reads bf16 only into torch (not numpy), does not let us
-refuse a hostile header with our own one-line error before anything is mapped, and its writer needs every tensor
-in memory at once. Here the header is checked against the safetensors rules (REFERENCE.md §7) before any data is
-touched, tensors are memory-mapped one at a time, and files are written tensor by tensor with a header computed
-from shapes alone (so `plan` can predict file sizes byte for byte). Files stay readable by safetensors/mlx/torch.
+Written by hand on purpose: the `safetensors` package reads bf16 only into torch (not numpy), does not let us refuse a
+hostile header with our own one-line error before anything is mapped, and its writer needs every tensor in memory at
+once. Here the header is checked against the safetensors format's rules (8-byte length, JSON header, contiguous
+non-overlapping offsets that match shape × dtype and end at the file's end) before any data is touched, tensors are
+memory-mapped one at a time, and files are written tensor by tensor with a header computed from shapes alone (so `plan`
+can predict file sizes byte for byte). Files stay readable by safetensors/mlx/torch.
 """
 
 from __future__ import annotations

@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 
 from .errors import UsageError
+from .files import sha256_file
 from .layout import json_bytes
 from .manifest import MANIFEST, bundle_entries, load_manifest, summarize
 from .schemas import validate
-from .source import sha256_file
 
 
 def _time_first_image(bundle: Path, width: int, height: int, env: dict[str, str]) -> float:

@@ -15,14 +15,13 @@ from .codecs import mlx as mlx_codec
 from .codecs import packed as packed_codec
 from .dtypes import widen
 from .errors import BonsaiError, InputError
+from .files import read_json, sha256_file
 from .lowbit import GROUP_SIZE, LowBitTensor, split_exact
 from .manifest import MANIFEST, load_manifest, safe_relative
 from .safetensors_io import SafetensorsFile, read_header
-from .source import read_json, sha256_file
 from .targets.base import encode_dense
 from .torch_zip import TorchZipFile
-
-MLX_TARGETS = ("iphone", "ipad", "mac")
+from .vocabulary import MLX_TARGETS
 
 
 @dataclass
@@ -155,7 +154,7 @@ class BundleTensors:
     """Read tensors of a bundle component by name (its files and index validated by `component_tensors`)."""
 
     def __init__(self, folder: Path):
-        from .source import component_tensors
+        from .sources import component_tensors
 
         _, self.files = component_tensors(folder)
 
@@ -197,7 +196,9 @@ def decode_low_bit(tensors: BundleTensors, target: str, variant: str, name: str)
     if target == "cuda":
         from .codecs import gemlite
 
-        state = {key: tensors.load(f"{prefix}.{key}") for key in gemlite.STATE_KEYS if f"{prefix}.{key}" in tensors}
+        state = {
+            key: tensors.load(f"{prefix}.{key}") for key in gemlite.STORED_LAYER_KEYS if f"{prefix}.{key}" in tensors
+        }
         codes, scales = gemlite.decode(state)
         return LowBitTensor(name, codes, scales)
     raise InputError(f"unknown target {target!r}")
@@ -220,7 +221,7 @@ def check_weights(
     try:
         folder = manifest.get("layout", {}).get("folders", {}).get("transformer", "transformer")
         if manifest["target"] == "gguf":
-            from .gguf_source import GGUFTransformer
+            from .sources.gguf import GGUFTransformer
 
             tensors = GGUFTransformer(bundle / folder, manifest["variant"])  # type: ignore[assignment]
         else:
@@ -232,7 +233,7 @@ def check_weights(
     target, variant = manifest["target"], manifest["variant"]
     source = None
     if source_spec is not None:
-        from .source import open_source
+        from .sources import open_source
 
         try:
             source = open_source(source_spec)
@@ -404,7 +405,7 @@ GGUF_GENERATION_SKIPPED = (
 def check_ggml(bundle: Path, manifest: dict, checks: Checks) -> None:
     """Real ggml (llama-cpp-python's libggml-base) parses the GGUF and dequantizes every Q1_0/Q2_0 tensor."""
     from .ggml_check import GGML, LIBRARY_ENV, check_file, find_library
-    from .gguf_source import GGUF_FILE
+    from .sources.gguf import GGUF_FILE
 
     library = find_library()
     if library is None:

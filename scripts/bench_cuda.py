@@ -26,7 +26,7 @@ from gpu_common import require_gpu
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "runtime")]
 
-# REFERENCE.md §1: FLUX.2 [klein] 4B.
+# FLUX.2 [klein] 4B (diffusers 0.42.1's Flux2Transformer2DModel config of black-forest-labs/FLUX.2-klein-4B).
 KLEIN_4B = dict(
     patch_size=1, in_channels=128, num_layers=5, num_single_layers=20, attention_head_dim=128,
     num_attention_heads=24, joint_attention_dim=7680, timestep_guidance_channels=256, mlp_ratio=3.0,

@@ -28,7 +28,9 @@ PROMPT = "a bonsai tree on a rock, studio light"
 
 
 def mlx_side(bundle: Path, size: int, steps: int, dtype: str, max_sequence_length: int | None) -> dict:
-    import bonsai_mlx  # first: loads the BLAS before MLX
+    import bonsai_mlx
+
+    bonsai_mlx.enable_cpu_speedups()  # first: the BLAS before MLX is imported
     from bonsai_common import initial_noise
     from bonsai_mlx import allocator, blas
 
@@ -51,7 +53,7 @@ def diffusers_side(source: str, size: int, steps: int, dtype: str, max_sequence_
     from bonsai_common import initial_noise
 
     from bonsai_convert.reference import reference_pipeline
-    from bonsai_convert.source import open_source
+    from bonsai_convert.sources import open_source
 
     opened = open_source(source)
     start = time.perf_counter()

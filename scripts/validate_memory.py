@@ -28,7 +28,9 @@ PHASES = ("text_encoding", "denoising", "vae_decode")
 
 def measure(bundle: Path, target: str, size: int, dtype: str, max_sequence_length: int | None) -> dict:
     """One generation in this process: per-phase MLX peaks."""
-    import bonsai_mlx  # first: loads the BLAS before MLX
+    import bonsai_mlx
+
+    bonsai_mlx.enable_cpu_speedups()  # first: the BLAS before MLX is imported
 
     pipeline = bonsai_mlx.load_pipeline(bundle, dtype=dtype, max_sequence_length=max_sequence_length)
     result = pipeline.generate("a bonsai tree", seed=0, steps=2, width=size, height=size)

@@ -14,6 +14,13 @@ import pytest
 os.environ["BONSAI_CONVERT_CACHE"] = tempfile.mkdtemp(prefix="bonsai-test-cache-")
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
+try:  # MLX's Linux CPU speed-ups (fast BLAS, freed memory kept) before any test module imports MLX
+    import bonsai_mlx
+except ImportError:  # pragma: no cover - MLX not installed
+    pass
+else:
+    bonsai_mlx.enable_cpu_speedups()
+
 
 @pytest.fixture(scope="session")
 def demo_checkpoint(tmp_path_factory):

@@ -7,8 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import bonsai_mlx  # noqa: F401  (first: loads the BLAS before MLX)
-import mlx.core as mx
+import mlx.core as mx  # after conftest's bonsai_mlx.enable_cpu_speedups()
 import mlx.nn as nn
 import numpy as np
 import pytest
@@ -35,9 +34,10 @@ def test_openblas_copy_exports_cblas_names():
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")
 def test_mlx_matmul_correct_with_loaded_blas():
-    """In a fresh process (bonsai_mlx imported before mlx): the BLAS is in the process and matmuls are right."""
+    """In a fresh process (speed-ups enabled before mlx is imported): the BLAS is in the process, matmuls right."""
     code = (
-        "import bonsai_mlx, numpy as np, mlx.core as mx\n"
+        "import bonsai_mlx; bonsai_mlx.enable_cpu_speedups()\n"
+        "import numpy as np, mlx.core as mx\n"
         "from bonsai_mlx import blas\n"
         "assert blas.loaded_blas(), 'no BLAS loaded'\n"
         "assert blas.loaded_blas() in open('/proc/self/maps').read()\n"
@@ -160,9 +160,27 @@ def test_cpu_silu_and_attention_in_slices_are_bit_identical_and_bounded(monkeypa
 
 
 def test_freed_memory_is_kept_for_reuse_in_a_fresh_process():
-    """bonsai_mlx sets glibc's allocator up before MLX starts (bonsai_mlx/allocator.py); BONSAI_MLX_MALLOC=0 not."""
-    code = "import bonsai_mlx\nfrom bonsai_mlx import allocator\nprint(allocator.freed_memory_kept())\n"
+    """enable_cpu_speedups sets glibc's allocator up before MLX starts (allocator.py); BONSAI_MLX_MALLOC=0 not."""
+    code = (
+        "import bonsai_mlx\nbonsai_mlx.enable_cpu_speedups()\n"
+        "from bonsai_mlx import allocator\nprint(allocator.freed_memory_kept())\n"
+    )
     for setting, expected in (("", sys.platform.startswith("linux")), ("0", False)):
         env = {**os.environ, "BONSAI_MLX_MALLOC": setting, "PYTHONPATH": str(RUNTIME)}
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
         assert result.stdout.strip() == str(expected), result.stderr
+
+
+def test_importing_bonsai_mlx_changes_nothing_in_the_process():
+    """`import bonsai_mlx` loads no BLAS, leaves malloc alone and does not import MLX; the pipeline API loads lazily."""
+    code = (
+        "import sys, bonsai_mlx\n"
+        "from bonsai_mlx import allocator, blas\n"
+        "print(blas.loaded_blas(), allocator.freed_memory_kept(), 'mlx.core' in sys.modules)\n"
+        "bonsai_mlx.load_pipeline\n"
+        "print('mlx.core' in sys.modules)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(RUNTIME)}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["None", "False", "False", "True"]

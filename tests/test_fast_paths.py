@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -108,8 +110,7 @@ def test_codec_kernels_equal_the_numpy_references(cols):
 @settings(max_examples=60, deadline=None)
 @given(st.data())
 def test_dense_stored_conversion_equals_encode_dense(data):
-    from bonsai_convert.pack import encode_dense_stored
-    from bonsai_convert.targets.base import encode_dense
+    from bonsai_convert.targets.base import encode_dense, encode_dense_stored
 
     rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
     bits = (rng.standard_normal((3, 50), dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16)
@@ -179,8 +180,16 @@ def test_bundles_and_manifests_are_byte_identical_without_the_fast_paths(
     assert (tmp_path / "fast" / "manifest.json").read_bytes() == (tmp_path / "reference" / "manifest.json").read_bytes()
 
 
-def test_reference_switch_is_read_from_the_environment():
-    assert kernels.ENABLED == (os.environ.get("BONSAI_CONVERT_REFERENCE", "") != "1")
+@pytest.mark.parametrize(("setting", "enabled"), [(None, True), ("0", True), ("", True), ("1", False)])
+def test_reference_switch_is_read_from_the_environment(setting: str | None, enabled: bool):
+    """BONSAI_CONVERT_REFERENCE=1, and only that, turns the compiled passes off (read in a fresh interpreter)."""
+    env = {key: value for key, value in os.environ.items() if key != "BONSAI_CONVERT_REFERENCE"}
+    if setting is not None:
+        env["BONSAI_CONVERT_REFERENCE"] = setting
+    probe = "from bonsai_convert import kernels; print(kernels.ENABLED)"
+    result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(enabled)
 
 
 def random_text_values(rng: np.random.Generator, trial: int) -> np.ndarray:

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -28,10 +29,10 @@ from bonsai_convert.codecs import gemlite
 from bonsai_convert.codecs import mlx as mlx_codec
 from bonsai_convert.codecs import packed as packed_codec
 from bonsai_convert.errors import InputError
+from bonsai_convert.files import read_json
 from bonsai_convert.lowbit import GROUP_SIZE
 from bonsai_convert.manifest import load_manifest, safe_relative
 from bonsai_convert.safetensors_io import DTYPE_SIZES, SafetensorsFile, TensorSpec, build_header, read_header
-from bonsai_convert.source import read_json
 
 TIME_LIMIT_S = 5.0
 MEMORY_LIMIT_BYTES = 64 << 20  # every input here is < 1 MB: anything near this is an allocation from a claim
@@ -150,7 +151,7 @@ SAFETENSORS_FILES = st.one_of(st.binary(max_size=256), structured_files(), mutat
 
 
 def check_safetensors(data: bytes) -> None:
-    """read_header refuses with InputError or returns a header that obeys REFERENCE.md §7; tensors then load."""
+    """read_header refuses with InputError or returns a header that obeys the safetensors rules; tensors then load."""
     with scratch_file("fuzz.safetensors", data) as path, bounded("read_header"):
         try:
             handle = SafetensorsFile(path)
@@ -374,7 +375,7 @@ def gemlite_states(draw) -> dict[str, np.ndarray]:
     scales = draw(hnp.arrays(np.float16, (rows, groups), elements=st.floats(-100, 100, width=16)))
     state = gemlite.encode(codes, scales, variant)
     action = draw(st.sampled_from(["replace", "metadata", "orig_shape", "drop", "random_words"]))
-    key = draw(st.sampled_from(gemlite.STATE_KEYS))
+    key = draw(st.sampled_from(gemlite.STORED_LAYER_KEYS))
     if action == "replace":
         state[key] = draw(ANY_ARRAY)
     elif action == "metadata":
@@ -434,7 +435,7 @@ def check_bfl(data: bytes) -> None:
     import diffusers.loaders.single_file_utils  # noqa: F401 - imported outside the time and memory limits
     import torch  # noqa: F401
 
-    from bonsai_convert.source import open_source
+    from bonsai_convert.sources import open_source
 
     with scratch_file("bfl.safetensors", data) as path:
         read_header(path)  # the generator writes valid files: only the FLUX.2 checks may refuse
@@ -456,26 +457,72 @@ def test_bfl_reader(data: bytes) -> None:
 
 
 @st.composite
-def misshapen_codec_calls(draw) -> tuple[str, Callable[[], object]]:
+def misshapen_codec_calls(draw) -> tuple[str, tuple]:
+    """A decode call on arbitrary arrays: (codec, its arguments)."""
     array = draw(ANY_ARRAY)
     other = draw(ANY_ARRAY)
     variant = draw(st.sampled_from(["binary", "ternary", "quaternary"]))
     codec = draw(st.sampled_from(["packed", "mlx"]))
     if codec == "packed":
-        in_features = draw(st.integers(-8, 64))
-        return codec, lambda: packed_codec.decode(array, in_features, variant)
-    return codec, lambda: mlx_codec.decode(array, other, other, variant)
+        return codec, (array, draw(st.integers(-8, 64)), variant)
+    return codec, (array, other, other, variant)
+
+
+DECODERS = {"packed": packed_codec.decode, "mlx": mlx_codec.decode}
+
+
+def well_formed_shape(codec: str, args: tuple) -> tuple[int, int] | None:
+    """The codes shape a well-formed call decodes to, or None for a misshapen call (which must raise ValueError)."""
+    if codec == "packed":
+        array, in_features, variant = args
+        fits = (
+            variant in ("binary", "ternary")
+            and array.dtype == np.uint8
+            and array.ndim == 2
+            and in_features >= 1
+            and array.shape[1] == packed_codec.code_bytes_per_row(in_features, variant)
+        )
+        return (array.shape[0], in_features) if fits else None
+    weight, scales, _, variant = args
+    bits = {"binary": 1, "ternary": 2}.get(variant)
+    fits = (
+        bits is not None
+        and weight.dtype == np.uint32
+        and weight.ndim == 2
+        and scales.ndim == 2
+        and scales.shape[0] == weight.shape[0]
+        and scales.shape[1] >= 1
+        and weight.shape[1] * 32 == scales.shape[1] * 128 * bits
+    )
+    return (weight.shape[0], scales.shape[1] * 128) if fits else None
 
 
 @settings(CI, max_examples=200)
 @given(misshapen_codec_calls())
 def test_codecs_refuse_misshapen_arrays_with_value_error(call) -> None:
-    _, decode = call
+    """A misshapen call raises ValueError (nothing else); whatever a codec accepts is well formed and decodes to
+    codes of the declared shape in {-1, 0, +1}."""
+    codec, args = call
     with bounded("decode"):
         try:
-            decode()
+            result = DECODERS[codec](*args)
         except ValueError:
-            pass
+            return
+    expected = well_formed_shape(codec, args)
+    assert expected is not None, f"{codec}.decode accepted a misshapen call: {[getattr(a, 'shape', a) for a in args]}"
+    codes = result if codec == "packed" else result[0]
+    assert codes.shape == expected and set(np.unique(codes).tolist()) <= {-1, 0, 1}
+
+
+def test_the_misshapen_property_tells_well_formed_calls_apart() -> None:
+    """The predicate above is not vacuous: a real packed row is well formed and decodes; one byte short is not."""
+    codes = np.array([[1, -1] * 64], dtype=np.int8)
+    packed = packed_codec.encode(codes, "binary")
+    assert well_formed_shape("packed", (packed, 128, "binary")) == (1, 128)
+    assert packed_codec.decode(packed, 128, "binary").shape == (1, 128)
+    assert well_formed_shape("packed", (packed[:, :-1], 128, "binary")) is None
+    with pytest.raises(ValueError):
+        packed_codec.decode(packed[:, :-1], 128, "binary")
 
 
 # ------------------------------------------------------------------------------------------------------------

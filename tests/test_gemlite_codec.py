@@ -62,7 +62,7 @@ def test_tensor_specs_predict_encode_exactly(variant: str, data) -> None:
     codes, scales = data.draw(layers(variant))
     state = gemlite.encode(codes, scales, variant)
     specs = gemlite.tensor_specs("blocks.0.attn.to_q", codes.shape[0], codes.shape[1], variant)
-    assert [name for name, _, _ in specs] == [f"blocks.0.attn.to_q.{key}" for key in gemlite.STATE_KEYS]
+    assert [name for name, _, _ in specs] == [f"blocks.0.attn.to_q.{key}" for key in gemlite.STORED_LAYER_KEYS]
     for name, dtype, shape in specs:
         array = state[name.rsplit(".", 1)[1]]
         assert (DTYPE_OF_NUMPY[array.dtype.str], array.shape) == (dtype, shape)

@@ -12,11 +12,11 @@ import pytest
 from bonsai_convert.errors import InputError
 from bonsai_convert.gguf_io import GGUFFile
 from bonsai_convert.gguf_names import bfl_place, diffusers_parts
-from bonsai_convert.gguf_source import GGUF_FILE
 from bonsai_convert.layout import make_target, transformer_layout
 from bonsai_convert.manifest import load_manifest
 from bonsai_convert.pack import PackOptions, pack
 from bonsai_convert.plan import describe_source, plan
+from bonsai_convert.sources.gguf import GGUF_FILE
 
 VARIANTS = ["binary", "ternary"]
 

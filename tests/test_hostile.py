@@ -579,7 +579,7 @@ def test_force_run_killed_between_renames_gets_its_old_out_back(tmp_path):
 
 
 def test_kill_9_during_pack_leaves_no_out_and_next_run_cleans_up(tiny_source, tmp_path, capsys, monkeypatch):
-    from bonsai_convert.source import clean_demo_leftovers
+    from bonsai_convert.sources import clean_demo_leftovers
 
     out = tmp_path / "OUT"
     temp = tmp_path / "tmp"

@@ -14,7 +14,6 @@ KLEIN_VAE = {"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, 
 
 @pytest.mark.parametrize("size", [64, 128])
 def test_vae_decode_peak_is_the_widest_stage_within_15_percent(size):
-    import bonsai_mlx  # noqa: F401 - loads the BLAS before MLX
     import mlx.core as mx
     from bonsai_mlx.vae import VAEConfig, VAEDecoder
 
@@ -60,7 +59,6 @@ def test_model_and_runtime_agree_on_the_dequantized_block_size():
 def test_cpu_low_bit_linear_in_blocks_gives_the_values_within_the_modelled_memory(dtype, bits, group_size):
     """A layer wider than one block: the same output as one dense product (fp32 summation order aside), and the
     extra memory `cpu_dequantized_bytes` predicts (±15 %)."""
-    import bonsai_mlx  # noqa: F401 - loads the BLAS before MLX
     import mlx.core as mx
     import mlx.nn as nn
     import numpy as np
@@ -91,7 +89,6 @@ def test_cpu_low_bit_linear_in_blocks_gives_the_values_within_the_modelled_memor
 @pytest.mark.parametrize("bits", [1, 2])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_unpacked_binary_and_ternary_weights_are_mx_dequantize_bit_for_bit(bits, dtype):
-    import bonsai_mlx  # noqa: F401 - loads the BLAS before MLX
     import mlx.core as mx
     from bonsai_mlx.cpu_layers import unpack_affine
 

@@ -351,6 +351,8 @@ def test_runtime_imports_neither_torch_nor_converter(bundle) -> None:
         "import sys\n"
         "sys.modules['torch'] = None\n"
         "sys.modules['bonsai_convert'] = None\n"
+        "import bonsai_mlx\n"
+        "bonsai_mlx.enable_cpu_speedups()\n"
         "from bonsai_mlx import load_pipeline\n"
         f"p = load_pipeline({str(bundle('ternary'))!r}, 'float32', max_sequence_length=24)\n"
         "r = p.generate('a cat', seed=1, steps=1, width=32, height=32)\n"

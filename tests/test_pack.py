@@ -13,11 +13,12 @@ from conftest import bundle_folder
 
 from bonsai_convert.codecs import mlx as mlx_codec
 from bonsai_convert.codecs import packed as packed_codec
+from bonsai_convert.files import sha256_file
 from bonsai_convert.inspect import inspect_bundle
 from bonsai_convert.lowbit import GROUP_SIZE, dense_from_codes, is_low_bit_key
 from bonsai_convert.manifest import load_manifest
 from bonsai_convert.safetensors_io import SafetensorsFile, TensorSpec, float32_to_bf16_bits
-from bonsai_convert.source import open_source, sha256_file
+from bonsai_convert.sources import open_source
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

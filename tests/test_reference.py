@@ -18,7 +18,7 @@ from bonsai_convert.reference import (
     run_reference_phased,
     source_transformer,
 )
-from bonsai_convert.source import open_source
+from bonsai_convert.sources import open_source
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,9 @@ import pytest
 from conftest import bundle_folder
 from hub_server import FakeHub
 
+from bonsai_convert.files import sha256_file
 from bonsai_convert.manifest import load_manifest
 from bonsai_convert.pack import PackOptions, pack
-from bonsai_convert.source import sha256_file
 
 REPO_ID = "prism-ml/bonsai-image-ternary-4B-unpacked"
 PRISM_MANIFEST = {"model_version": "ternary g128 (bf16 master)", "sha256": "0" * 64}
@@ -259,13 +259,13 @@ def _rewrite_state_dict(folder: Path, edit) -> None:
 
 
 def _as_released(tensors) -> None:
-    """What REFERENCE.md §10 says the release stores: W_q uint8 (8-bit packing), scales and zeros fp32, ternary in
-    fma form (zeros = −scales); metadata to match (meta_dtype FP32, elements_per_sample 8 / bits, mode 4)."""
+    """What PrismML's released Gemlite packs store (formats/gemlite.md): W_q uint8 (8-bit packing), scales, zeros fp32,
+    ternary in fma form (zeros = −scales); metadata to match (meta_dtype FP32, elements_per_sample 8 / bits, mode 4)."""
     from bonsai_convert.codecs import gemlite as codec
 
     for name in [key for key in tensors if key.endswith(".W_q")]:
         prefix = name[: -len(".W_q")]
-        state = {key: tensors[f"{prefix}.{key}"] for key in codec.STATE_KEYS}
+        state = {key: tensors[f"{prefix}.{key}"] for key in codec.STORED_LAYER_KEYS}
         codes, scales = codec.decode(state)
         variant = "binary" if int(state["metadata"][1]) == 1 else "ternary"
         state = codec.encode(codes, scales, variant, packing_bitwidth=8)

@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bonsai_convert.files import sha256_file
 from bonsai_convert.safetensors_io import SafetensorsFile, SafetensorsWriter, TensorSpec
-from bonsai_convert.source import open_source, sha256_file
+from bonsai_convert.sources import open_source
 
 # diffusers name part → BFL name part (the inverse of diffusers' convert_flux2_transformer_checkpoint_to_diffusers)
 DOUBLE = {

@@ -166,8 +166,8 @@ RELEASED_LAYER_KEYS = {"W_q", "bias", "scales", "zeros", "metadata", "orig_shape
 
 
 def released_loader_leftovers(state: dict[str, torch.Tensor], quantized: list[str], dense: set[str]) -> list[str]:
-    """image-studio's rule (REFERENCE.md §10): per quantized module exactly the gemlite keys are taken, the rest must
-    be the dense model's own tensors; anything left over is an error there."""
+    """image-studio's rule (formats/gemlite.md, 'The transformer folder'): per quantized module exactly its keys are
+    taken, the rest must be the dense model's own tensors; anything left over is an error there."""
     taken = {f"{fqn}.{key}" for fqn in quantized for key in RELEASED_LAYER_KEYS}
     return sorted(name for name in state if name not in taken and name not in dense)
 

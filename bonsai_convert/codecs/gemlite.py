@@ -9,6 +9,7 @@ than by inverting the encoder.
 from __future__ import annotations
 
 import numpy as np
+from bonsai_common.gemlite_keys import STORED_LAYER_KEYS
 
 from ..errors import InputError
 from . import row_blocks
@@ -17,9 +18,6 @@ GROUP_SIZE = 128
 PACKING_BITWIDTH = 32  # what `encode` writes unless told otherwise (int32 words)
 PACKING_BITWIDTHS = (8, 32)  # uint8 bytes (the released packs) or int32 words; same bit order
 VARIANT_BITS = {"binary": 1, "ternary": 2}
-# What a bundle stores per linear: the keys PrismML's released loader takes (it raises on any other key, e.g.
-# gemlite's `meta_scale`, a 0-d fp32 0.0 used only by NVFP4, which `load_state_dict` defaults when absent).
-STATE_KEYS = ("W_q", "scales", "zeros", "metadata", "orig_shape")
 FP16_MAX = float(np.finfo(np.float16).max)
 
 # gemlite.dtypes.DType values used in `metadata`.
@@ -266,7 +264,7 @@ def affine_tensor_specs(
         "orig_shape": ("I32", (2,)),
     }
     prefix = name_prefix.rstrip(".")
-    return [(f"{prefix}.{key}", *shapes[key]) for key in STATE_KEYS]
+    return [(f"{prefix}.{key}", *shapes[key]) for key in STORED_LAYER_KEYS]
 
 
 def tensor_specs(

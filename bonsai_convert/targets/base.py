@@ -44,6 +44,30 @@ def encode_dense(name: str, values: np.ndarray, float_dtype: str = "F16") -> np.
     return np.asarray(values)
 
 
+def encode_dense_stored(
+    name: str, stored: np.ndarray, stored_dtype: str, float_dtype: str, out: np.ndarray | None = None
+) -> np.ndarray:
+    """`encode_dense` of the widened values, from the stored values in one compiled pass (same bytes, same errors).
+
+    bf16 → BF16 and f16 → F16 are copies with a finiteness check; bf16 → F16 goes through a 65536-entry table.
+    Anything else, or a non-finite value to report, takes `encode_dense` itself.
+    """
+    from .. import kernels
+
+    if kernels.ENABLED and stored_dtype in ("BF16", "F16") and float_dtype in ("BF16", "F16"):
+        bits = np.ascontiguousarray(stored).view(np.uint16)
+        flat = bits.reshape(-1)
+        if stored_dtype == float_dtype:
+            if kernels.all_finite(flat, np.uint16(0x7C00 if float_dtype == "F16" else 0x7F80)):
+                return bits.view(np.float16) if float_dtype == "F16" else bits
+        elif stored_dtype == "BF16":
+            out = np.empty(bits.shape, dtype=np.uint16) if out is None else out  # out: a uint16 buffer to fill
+            if kernels.convert_table(flat, kernels.BF16_TO_FP16, out.reshape(-1)):
+                return out.view(np.float16)
+    values = widen(np.asarray(stored), "BF16") if stored_dtype == "BF16" else stored
+    return encode_dense(name, values, float_dtype)
+
+
 class Target:
     """A device format. Subclasses define the low-bit layout; everything else is fp16 under diffusers names."""
 

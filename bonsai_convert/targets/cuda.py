@@ -153,7 +153,9 @@ class CudaTarget(Target):
             "orig_shape": ("I32", (2,)),
             "meta_scale": ("F32", ()),
         }
-        return [Planned(TensorSpec(f"{prefix}.{key}", *specs[key]), _PART_OF[key], name) for key in codec.STATE_KEYS]
+        return [
+            Planned(TensorSpec(f"{prefix}.{key}", *specs[key]), _PART_OF[key], name) for key in codec.STORED_LAYER_KEYS
+        ]
 
     def encode_text_encoder(self, name: str, values: np.ndarray) -> dict[str, np.ndarray]:
         if len(self.text_encoder_outputs(name, values.shape, "F32")) == 1:
@@ -189,7 +191,7 @@ class CudaTarget(Target):
         if len(encoded) == 1:
             return encoded[name]
         prefix = name[: -len(".weight")]
-        return codec.dequantize({key: encoded[f"{prefix}.{key}"] for key in codec.STATE_KEYS})
+        return codec.dequantize({key: encoded[f"{prefix}.{key}"] for key in codec.STORED_LAYER_KEYS})
 
     def text_encoder_config(self, config: dict) -> dict:
         result = dict(config)

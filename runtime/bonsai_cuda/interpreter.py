@@ -353,108 +353,14 @@ def check_layers(
     return results
 
 
-def _load_folder(folder) -> dict[str, torch.Tensor]:
-    from pathlib import Path
-
-    from .pipeline import load_tensors
-
-    return load_tensors(Path(folder))
-
-
-def _reference_weights(states, reference_dir):
-    """Dense weights: `X.weight` from a diffusers folder of the source, else the bundle's own decode (a function
-    of the layer name: decoded when that layer is checked)."""
-    from .layers import dequantize_state
-
-    if reference_dir is None:
-        return lambda name: dequantize_state(states[name], name)
-    from pathlib import Path
-
-    from safetensors.torch import load_file
-
-    dense = {}
-    for path in sorted(Path(reference_dir).glob("*.safetensors")):
-        dense.update(load_file(str(path)))
-    return {name: dense[f"{name}.weight"].float() for name in states}
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m bonsai_cuda.interpreter layers FOLDER [--reference DIR] ... --json OUT` (see run_child)."""
-    import argparse
-    import json
-
-    parser = argparse.ArgumentParser(prog="python -m bonsai_cuda.interpreter")
-    sub = parser.add_subparsers(dest="command", required=True)
-    layers = sub.add_parser("layers", help="gemlite's kernels on every low-bit linear of a component folder")
-    layers.add_argument("folder")
-    layers.add_argument("--reference", help="a diffusers folder with the dense source weights (X.weight)")
-    layers.add_argument("--rows", default="1,64")
-    layers.add_argument("--every-kernel", choices=("per-shape", "all", "none"), default="per-shape")
-    layers.add_argument("--every-kernel-max-weights", type=int, help="every kernel only on layers this small")
-    layers.add_argument("--layers", choices=("all", "one-per-shape"), default="all")
-    layers.add_argument("--json", required=True)
-    image = sub.add_parser("generate", help="the CUDA runtime with gemlite's kernels (interpreted) on a bundle")
-    image.add_argument("bundle")
-    image.add_argument("--prompt", required=True)
-    image.add_argument("--seed", type=int, default=0)
-    image.add_argument("--steps", type=int, default=4)
-    image.add_argument("--width", type=int, default=64)
-    image.add_argument("--height", type=int, default=64)
-    image.add_argument("--dtype", choices=("float32", "float16"), default="float32")
-    image.add_argument("--text-encoder", choices=("interpreter", "decoded"), default="interpreter")
-    image.add_argument("--noise", help="a .npy of the initial noise (1, 128, H/16, W/16); default: the shared noise")
-    image.add_argument("--npz", required=True)
-    args = parser.parse_args(argv)
-    activate()
-    if args.command == "layers":
-        states = layer_states(_load_folder(args.folder))
-        if args.layers == "one-per-shape":
-            states = one_layer_per_shape(states)
-        weights = _reference_weights(states, args.reference)
-        rows = tuple(int(v) for v in args.rows.split(","))
-        results = check_layers(states, weights, rows, args.every_kernel, args.every_kernel_max_weights)
-        with open(args.json, "w") as handle:
-            json.dump({"import_seconds": _state["import_seconds"], "results": results}, handle, indent=1)
-        return 0
-    import numpy as np
-
-    from .pipeline import generate, load_pipeline
-
-    pipe = load_pipeline(
-        args.bundle,
-        device="cpu",
-        dtype=getattr(torch, args.dtype),
-        backend="interpreter",
-        text_encoder_backend=args.text_encoder,
-    )
-    started = time.perf_counter()
-    noise = np.load(args.noise, allow_pickle=False) if args.noise else None
-    result = generate(pipe, args.prompt, args.seed, args.steps, args.width, args.height, noise=noise)
-    calls: dict[str, int] = {}
-    for module in list(pipe.transformer.modules()) + list(pipe.text_encoder.modules()):
-        for kernel, count in getattr(module, "calls", {}).items():
-            calls[kernel] = calls.get(kernel, 0) + count
-    np.savez(
-        args.npz,
-        image=result.image,
-        latents=result.latents,
-        seconds=np.float64(time.perf_counter() - started),
-        calls=np.array(json.dumps(calls)),
-    )
-    return 0
-
-
 def run_child(argv: list[str], timeout: float = 600) -> None:
-    """Run `main(argv)` in a fresh Python with TRITON_INTERPRET=1; raise RuntimeError with its stderr on failure."""
+    """Run `python -m bonsai_cuda.interpreted_run ARGV` in a fresh Python with TRITON_INTERPRET=1; raise
+    RuntimeError with its stderr on failure."""
     import subprocess
 
     env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
-    command = [sys.executable, "-m", "bonsai_cuda.interpreter", *argv]
+    command = [sys.executable, "-m", "bonsai_cuda.interpreted_run", *argv]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
     if done.returncode:
         tail = (done.stderr or done.stdout).strip().splitlines()[-12:]
         raise RuntimeError(f"gemlite interpreter run failed ({done.returncode}): " + " | ".join(tail))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-STATE_KEYS = ("W_q", "scales", "zeros", "metadata", "orig_shape", "meta_scale")
 PACKING_BITWIDTH = 32
 GEMLITE_FP16 = 1  # gemlite.dtypes.DType.FP16
 # (channel_scale_mode, W_group_mode) pairs a grouped fp16 layer can have.

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bonsai_common.gemlite_keys import LAYER_KEYS
 from torch import nn
 
-from .layers import STATE_KEYS, LayoutError, build_linear, gemlite_available
+from .layers import LayoutError, build_linear, gemlite_available
 
 INDEX_NAME = "model.safetensors.index.json"
 STATE_DICT = "state_dict.pt"  # the released Gemlite container (transformer-gemlite-int{1,2}/)
@@ -105,13 +106,15 @@ def install_low_bit(
     """Replace every nn.Linear that has Gemlite tensors; those tensors are removed from `tensors`."""
     prefixes = low_bit_prefixes(tensors)
     for prefix in prefixes:
-        state = {key: tensors.pop(f"{prefix}.{key}") for key in STATE_KEYS if f"{prefix}.{key}" in tensors}
+        state = {key: tensors.pop(f"{prefix}.{key}") for key in LAYER_KEYS if f"{prefix}.{key}" in tensors}
         try:
             target = model.get_submodule(prefix)
         except AttributeError as error:
             raise BundleError(f"{prefix}: low-bit tensors for a module the model does not have") from error
         if not isinstance(target, nn.Linear) or target.bias is not None:
             raise BundleError(f"{prefix}: low-bit tensors for a {type(target).__name__}, expected a bias-free Linear")
+        if "bias" in state:
+            raise BundleError(f"{prefix}.bias: a bias for a bias-free Linear")
         expected = [target.out_features, target.in_features]
         if "orig_shape" in state and state["orig_shape"].tolist() != expected:
             raise BundleError(f"{prefix}: orig_shape {state['orig_shape'].tolist()} but the model has {expected}")

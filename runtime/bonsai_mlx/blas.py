@@ -1,4 +1,4 @@
-"""A fast BLAS for MLX's Linux CPU backend (REFERENCE.md §12), loaded before MLX makes its first matmul.
+"""A fast BLAS for MLX's Linux CPU backend, loaded before MLX makes its first matmul.
 
 MLX's Linux CPU wheel links the reference (netlib) BLAS: an fp32 matmul of a Klein layer is ~30–70× slower than
 an optimized one. MLX calls `cblas_sgemm` (and `cblas_dgemm` / `cblas_cgemm`) through its dynamic symbol table,

@@ -1,5 +1,7 @@
 """A `gguf` bundle as a source (formats/gguf.md): its GGUF transformer read back under diffusers names, exactly.
 
+Also what manifest (tensor sizes) and verify (decoding) read a GGUF transformer with.
+
 Each BFL tensor of the file is split into the diffusers tensors it holds (q/k/v row thirds, norm_out's halves
 swapped back); Q1_0/Q2_0 linears decode to codes and fp16 scales (`codecs.gguf.decode`, which refuses a Q2_0 tensor
 that is not ternary g128); dense tensors are read as stored, memory-mapped.
@@ -7,15 +9,19 @@ that is not ternary g128); dense tensors are read as stored, memory-mapped.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .codecs import gguf as codec
-from .errors import InputError
-from .gguf_io import BF16, F16, F32, GGUFFile, GGUFTensor
-from .gguf_names import diffusers_parts
-from .lowbit import LowBitTensor, is_low_bit_key
+from ..codecs import gguf as codec
+from ..errors import InputError
+from ..files import load_manifest, read_json, refused_link
+from ..gguf_io import BF16, F16, F32, GGUFFile, GGUFTensor
+from ..gguf_names import diffusers_parts
+from ..lowbit import LowBitTensor, is_low_bit_key
+from ..vocabulary import DEFAULT_BASE_MODEL, GGUF_TARGET, VARIANTS
+from .base import Source, SourceTensor, check_config, check_klein, other_components, recorded_settings
 
 GGUF_FILE = "diffusion_model.gguf"
 
@@ -109,3 +115,52 @@ class GGUFTransformer:
         if self.file.tensors[key].ggml_type == BF16:
             return (selected.astype(np.uint32) << 16).view(np.float32)
         return selected.astype(np.float32)
+
+
+@dataclass
+class GGUFBundleSource(Source):
+    """One of our gguf bundles: each Q1_0/Q2_0 tensor part decoded exactly to codes and fp16 scales."""
+
+    def read_low_bit(self, tensor: SourceTensor) -> LowBitTensor:
+        return read_gguf_low_bit(tensor.name, tensor.file, tensor.key, tensor.rows, str(self.stored_variant))  # type: ignore[arg-type]
+
+
+def is_gguf_bundle(root: Path) -> bool:
+    return (root / "transformer" / GGUF_FILE).exists()
+
+
+def open_gguf_bundle(root: Path, label: str) -> GGUFBundleSource:
+    """A gguf bundle: its GGUF transformer under diffusers names; text encoder, VAE and the rest as in diffusers."""
+    manifest = load_manifest(root)  # schema-validated: a GGUF transformer is read only inside our own bundle
+    if manifest.get("target") != GGUF_TARGET:
+        raise InputError(f"{root / 'manifest.json'}: a {manifest.get('target')} bundle holding {GGUF_FILE}")
+    variant = manifest.get("variant")
+    if variant not in VARIANTS:
+        raise InputError(f"{root / 'manifest.json'}: unknown variant {variant!r}")
+    transformer_dir = root / "transformer"
+    path = transformer_dir / GGUF_FILE
+    if refused_link(path) or not path.is_file():
+        raise InputError(f"{path}: missing or a symbolic link")
+    config = read_json(transformer_dir / "config.json")
+    check_config(str(transformer_dir / "config.json"), config)
+    config = {key: value for key, value in config.items() if key != "bonsai_gguf"}
+    file = GGUFFile(path)
+    placed = gguf_shapes(file, variant)
+    check_klein(str(path), config, {name: shape for name, (shape, _, _) in placed.items()})
+    tensors = [SourceTensor(name, shape, file, key, rows) for name, (shape, key, rows) in sorted(placed.items())]  # type: ignore[arg-type]
+    components, component_files = other_components(root, {})
+    out_layers, max_sequence_length = recorded_settings(root)
+    return GGUFBundleSource(
+        label=label,
+        kind=GGUF_TARGET,
+        transformer_config=config,
+        tensors=tensors,
+        root=root,
+        components=components,
+        files=sorted([path, transformer_dir / "config.json", *component_files]),
+        stored_variant=variant,
+        exact=bool(manifest.get("exact", True)),
+        text_encoder_out_layers=out_layers,
+        max_sequence_length=max_sequence_length,
+        base_model=manifest.get("base_model", DEFAULT_BASE_MODEL),
+    )

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InputError, RemoteError
+from ..errors import InputError, RemoteError
 
 REPO_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+)(?:@(?P<revision>[A-Za-z0-9_./-]+))?$")
 # What any source kind reads: diffusers folders, the released MLX and Gemlite layouts, a packed bundle's own files,
