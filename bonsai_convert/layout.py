@@ -11,13 +11,14 @@ from dataclasses import dataclass, field
 
 from . import torch_zip
 from .description import CopiedFile, ModelDescription
+from .gguf_io import GGUFLayout
 from .lowbit import is_low_bit_key
 from .safetensors_io import TensorSpec, file_size
 from .summary import FileEntry, numel
 from .targets.base import Planned, Target, dense_output
 from .targets.mlx import MLXTarget
 from .targets.packed import PackedTarget
-from .vocabulary import DENSE_DTYPES, MLX_TARGETS, PACKED_TARGET, TARGETS
+from .vocabulary import DENSE_DTYPES, GGUF_TARGET, MLX_TARGETS, PACKED_TARGET, TARGETS
 
 GOLDEN_DIR = "golden"
 DEFAULT_GOLDEN_PROMPT = "a bonsai tree on a wooden table, studio light"
@@ -39,6 +40,10 @@ def make_target(name: str, dense_dtype: str | None = None) -> Target:
         target: Target = PackedTarget()
     elif name in MLX_TARGETS:
         target = MLXTarget(name)
+    elif name == GGUF_TARGET:
+        from .targets.gguf import GGUFTarget
+
+        target = GGUFTarget()
     else:
         from .targets.cuda import CudaTarget
 
@@ -55,15 +60,19 @@ def json_bytes(value: dict) -> bytes:
 
 @dataclass
 class ShardFile:
-    """One tensor file of a component: safetensors, or torch.save's zip (`torch-zip`, formats/gemlite.md)."""
+    """One tensor file of a component: safetensors, torch.save's zip (`torch-zip`, formats/gemlite.md), or GGUF
+    (`gguf`, formats/gguf.md: `gguf` is then its file layout)."""
 
     path: str
     tensors: list[Planned]
     metadata: dict[str, str]
     container: str = "safetensors"
+    gguf: GGUFLayout | None = None
 
     @property
     def nbytes(self) -> int:
+        if self.gguf is not None:
+            return self.gguf.nbytes
         specs = [p.spec for p in self.tensors]
         if self.container == "torch-zip":
             return torch_zip.file_size(specs, torch_zip.archive_name(self.path))
@@ -155,9 +164,12 @@ def transformer_layout(
             planned.append(dense_output(name, shape, dtype, target.dense_dtype))
     metadata = {"format": target.safetensors_format}
     container = target.transformer_container
-    return component_files(
+    layout = component_files(
         "transformer", folder, planned, metadata, shard_bytes, target.transformer_file, False, container
     )
+    if container == "gguf":
+        layout.shards[0].gguf = target.gguf_layout(layout.shards[0].tensors, variant)  # type: ignore[attr-defined]
+    return layout
 
 
 def kept_text_encoder_tensors(

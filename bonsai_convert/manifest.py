@@ -30,6 +30,10 @@ def bundle_entries(root: Path) -> list[FileEntry]:
             tensors = tuple(sorted((name, info.nbytes) for name, info in infos.items()))
         elif path.suffix == ".pt":  # Gemlite's state_dict.pt, read without unpickling
             tensors = tuple(sorted((name, info.nbytes) for name, info in TorchZipFile(path).tensors.items()))
+        elif path.suffix == ".gguf":  # each diffusers tensor inside it (formats/gguf.md)
+            from .sources.gguf import piece_sizes
+
+            tensors = piece_sizes(path)
         entries.append(FileEntry(relative, path.stat().st_size, tensors))
     return entries
 

@@ -21,6 +21,7 @@ from .description import describe, transformer_shapes_of  # noqa: F401 - transfo
 from .dtypes import widen, widen_bf16_rows
 from .errors import FitError, InputError, UsageError
 from .files import SourceHasher, known_sha256, remember_sha256
+from .gguf_io import GGUFFileWriter
 from .layout import (
     DEFAULT_GOLDEN_PROMPT,
     BundleLayout,
@@ -148,8 +149,12 @@ def _open_writers(root: Path, layout: ComponentLayout) -> dict[str, PositionalHa
     for shard_file in layout.shards:
         path = root / shard_file.path
         path.parent.mkdir(parents=True, exist_ok=True)
-        kind = TorchZipWriter if shard_file.container == "torch-zip" else SafetensorsWriter
-        writer = kind(path, [p.spec for p in shard_file.tensors], shard_file.metadata)
+        specs = [p.spec for p in shard_file.tensors]
+        if shard_file.gguf is not None:
+            writer: PositionalHashingWriter = GGUFFileWriter(path, specs, shard_file.gguf)
+        else:
+            kind = TorchZipWriter if shard_file.container == "torch-zip" else SafetensorsWriter
+            writer = kind(path, specs, shard_file.metadata)
         for planned in shard_file.tensors:
             writers[planned.spec.name] = writer
     return writers

@@ -52,6 +52,7 @@ LIBRARY_BY_TARGET: dict[str, str | None] = {
     "mac": "mlx",
     "cuda": "diffusers",
     "packed": None,
+    "gguf": None,  # the Hub recognises .gguf files by themselves; stable-diffusion.cpp is no Hub library key
 }
 TARGET_DESCRIPTION = {
     "packed": "the canonical packed format (codes at information size, the source for other targets)",
@@ -59,6 +60,7 @@ TARGET_DESCRIPTION = {
     "ipad": "MLX on iPad",
     "mac": "MLX on Apple-silicon Macs",
     "cuda": "NVIDIA GPUs through diffusers with Gemlite low-bit kernels",
+    "gguf": "stable-diffusion.cpp / ggml: one GGUF transformer with upstream ggml Q1_0 / Q2_0 low-bit linears",
 }
 COMPONENT_ORDER = ("transformer", "text_encoder", "vae", "tokenizer", "scheduler", "configs", "golden")
 RESERVED_PATHS = (MANIFEST_NAME, CARD_NAME, ".gitattributes")

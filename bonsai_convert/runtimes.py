@@ -82,4 +82,9 @@ def generate(
         peak = int(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else None
         backend = getattr(pipe, "bonsai_backend", "cuda")
         return RuntimeOutput(result.image, result.latents, [seconds / steps] * steps, peak, False, str(backend))
+    if target == "gguf":
+        raise UsageError(
+            "target 'gguf' has no runtime here: it is for stable-diffusion.cpp / ggml (formats/gguf.md); "
+            "pack the bundle for iphone/ipad/mac/cuda to generate with bonsai-convert"
+        )
     raise UsageError(f"target {target!r} has no runtime (a packed bundle is a source: pack it for a device first)")

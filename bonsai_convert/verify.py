@@ -13,11 +13,13 @@ import numpy as np
 
 from .codecs import mlx as mlx_codec
 from .codecs import packed as packed_codec
+from .dtypes import widen
 from .errors import BonsaiError, InputError
 from .files import read_json, sha256_file
-from .lowbit import GROUP_SIZE, LowBitTensor, split_exact, to_fp16
+from .lowbit import GROUP_SIZE, LowBitTensor, split_exact
 from .manifest import MANIFEST, load_manifest, safe_relative
 from .safetensors_io import SafetensorsFile, read_header
+from .targets.base import encode_dense
 from .torch_zip import TorchZipFile
 from .vocabulary import MLX_TARGETS
 
@@ -167,6 +169,8 @@ class BundleTensors:
 
 def decode_low_bit(tensors: BundleTensors, target: str, variant: str, name: str) -> LowBitTensor:
     """A low-bit linear of any target back to codes and scales, with that format's own decoder."""
+    if target == "gguf":
+        return tensors.low_bit(name)  # type: ignore[attr-defined]
     prefix = name[: -len(".weight")]
     if target != "cuda":
         for key in (name, prefix + ".scales") + ((prefix + ".biases",) if target in MLX_TARGETS else ()):
@@ -216,7 +220,12 @@ def check_weights(
     """
     try:
         folder = manifest.get("layout", {}).get("folders", {}).get("transformer", "transformer")
-        tensors = BundleTensors(bundle / folder)
+        if manifest["target"] == "gguf":
+            from .sources.gguf import GGUFTransformer
+
+            tensors = GGUFTransformer(bundle / folder, manifest["variant"])  # type: ignore[assignment]
+        else:
+            tensors = BundleTensors(bundle / folder)
     except InputError as error:
         checks.add("low-bit decode", False, str(error))
         return
@@ -279,13 +288,19 @@ def check_weights(
     if source is None:
         checks.add("weights vs manifest digests", True, "decoded fp16 weights match the digests recorded at pack time")
         return
+    dense_dtype = manifest.get("layout", {}).get("dense_dtype", "F16")
     for tensor in source.tensors:
         if not tensor.low_bit:
             stored = tensors.load(tensor.name)
             values = tensor.load()
-            expected = to_fp16(tensor.name, values) if values.dtype.kind == "f" else values
+            # The source value as the bundle's dense dtype stores it (bf16 only when exact; fp16 rounded).
+            expected = (
+                widen(encode_dense(tensor.name, values, dense_dtype), dense_dtype)
+                if values.dtype.kind == "f"
+                else values
+            )
             if not np.array_equal(stored.view(np.uint8), np.asarray(expected, dtype=stored.dtype).view(np.uint8)):
-                checks.add("weights vs source", False, f"tensor {tensor.name}: differs from the source (fp16)")
+                checks.add("weights vs source", False, f"tensor {tensor.name}: differs from the source ({dense_dtype})")
                 return
     checks.add("weights vs source", True, f"all {len(source.tensors)} transformer tensors bit-exact vs {source_spec}")
 
@@ -380,6 +395,34 @@ KERNEL_ROWS_SAMPLED = "1,64"
 KERNEL_TIMEOUT_SECONDS = 1800
 
 
+GGUF_GENERATION_SKIPPED = (
+    "skipped: no registry package runs FLUX.2 from a Q1_0/Q2_0 GGUF: stable-diffusion-cpp-python 0.4.7 (PyPI; "
+    "vendored ggml 0.9.8) lacks ggml types 41/42, and llama-cpp-python 0.3.36 (ggml 0.25.3, has them) has no "
+    "FLUX.2 model"
+)
+
+
+def check_ggml(bundle: Path, manifest: dict, checks: Checks) -> None:
+    """Real ggml (llama-cpp-python's libggml-base) parses the GGUF and dequantizes every Q1_0/Q2_0 tensor."""
+    from .ggml_check import GGML, LIBRARY_ENV, check_file, find_library
+    from .sources.gguf import GGUF_FILE
+
+    library = find_library()
+    if library is None:
+        checks.skip(
+            "ggml dequantization",
+            "skipped: no libggml-base with types 41/42 here "
+            f"(pip install llama-cpp-python==0.3.36, or set {LIBRARY_ENV})",
+        )
+        return
+    folder = manifest.get("layout", {}).get("folders", {}).get("transformer", "transformer")
+    try:
+        passed, detail = check_file(GGML(library), bundle / folder / GGUF_FILE, manifest["weight_digests"])
+    except (InputError, OSError, AttributeError) as error:
+        passed, detail = False, str(error)
+    checks.add("ggml dequantization", passed, f"ggml's parser and to_float ({library}) vs the source digests: {detail}")
+
+
 def check_golden(bundle: Path, manifest: dict, options: VerifyOptions, checks: Checks) -> float | None:
     """Run the target's runtime on the golden record and compare with the stored reference output."""
     from .runtimes import generate
@@ -461,10 +504,14 @@ def verify_bundle(bundle: Path, options: VerifyOptions) -> dict:
                 )
             if manifest["target"] == "cuda" and options.generate:
                 check_gemlite_kernels(bundle, options, checks)  # runs with the runtime checks
+            if manifest["target"] == "gguf":
+                check_ggml(bundle, manifest, checks)  # a real ggml reads the file (independent of generation)
             if not options.generate or manifest["golden"] is None:
                 pass
             elif manifest["target"] == "packed":
                 checks.skip("generation", "not checked: a packed bundle has no runtime (pack it for a device)")
+            elif manifest["target"] == "gguf":
+                checks.skip("generation", GGUF_GENERATION_SKIPPED)
             else:
                 try:
                     psnr_value = check_golden(bundle, manifest, options, checks)

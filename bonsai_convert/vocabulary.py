@@ -9,7 +9,8 @@ from __future__ import annotations
 MLX_TARGETS = ("iphone", "ipad", "mac")  # MLX bundles (PrismML's released MLX layout), one device profile each
 CUDA_TARGET = "cuda"  # Gemlite bundles (PrismML's released Gemlite layout)
 PACKED_TARGET = "packed"  # the canonical format at information size
-TARGETS = (PACKED_TARGET, *MLX_TARGETS, CUDA_TARGET)
+GGUF_TARGET = "gguf"  # one GGUF transformer (ggml Q1_0/Q2_0) for stable-diffusion.cpp / ggml
+TARGETS = (PACKED_TARGET, *MLX_TARGETS, CUDA_TARGET, GGUF_TARGET)
 
 VARIANTS = ("binary", "ternary")  # {-1,+1} and {-1,0,+1} weights, one scale per 128
 AUTO_VARIANT = "auto"  # pack: detect the variant from the source's weights

@@ -4,6 +4,7 @@
 - `mlx`: a released MLX pack (or one of our MLX bundles)
 - `gemlite`: a Gemlite pack (the release's transformer, or one of our cuda bundles)
 - `bfl`: a BFL single .safetensors file
+- `gguf`: one of our gguf bundles (its GGUF transformer, formats/gguf.md)
 - `hub`: a Hub repo id, read in place from the Hub cache (then one of the folder kinds)
 - `demo`: demo:binary / demo:ternary
 
@@ -22,6 +23,7 @@ from .bfl import open_bfl_file
 from .demo import clean_demo_leftovers, demo_folder
 from .diffusers import PackedBundleSource, open_diffusers_folder
 from .gemlite import GemlitePackSource, GemliteTextEncoder, gemlite_folder, open_gemlite_pack
+from .gguf import GGUFBundleSource, is_gguf_bundle, open_gguf_bundle
 from .hub import download, parse_repo_id
 from .mlx import MLX_TEXT_ENCODER, MLX_TRANSFORMER, MLXPackSource, QuantizedTextEncoder, open_mlx_pack
 from .text_encoders import quantized_text_encoder
@@ -29,6 +31,7 @@ from .text_encoders import quantized_text_encoder
 __all__ = [
     "GemlitePackSource",
     "GemliteTextEncoder",
+    "GGUFBundleSource",
     "MLXPackSource",
     "MLX_TEXT_ENCODER",
     "MLX_TRANSFORMER",
@@ -47,12 +50,15 @@ __all__ = [
 
 
 def open_folder(root: Path, label: str) -> Source:
-    """The reader of a model folder by its layout: an MLX pack, a Gemlite pack, else a diffusers folder."""
+    """The reader of a model folder by its layout: an MLX pack, a Gemlite pack, a gguf bundle, else a diffusers
+    folder."""
     if plain_dir(root / MLX_TRANSFORMER) and not (root / "transformer").exists():
         return open_mlx_pack(root, label)
     gemlite = gemlite_folder(root) if not (root / "transformer").exists() else None
     if gemlite is not None:
         return open_gemlite_pack(root, label, gemlite)
+    if is_gguf_bundle(root):
+        return open_gguf_bundle(root, label)
     return open_diffusers_folder(root, label)
 
 

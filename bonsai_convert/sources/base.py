@@ -64,7 +64,7 @@ class Source:
     """
 
     label: str
-    kind: str  # recorded in the manifest: diffusers | transformer-only | bfl | packed | mlx | gemlite
+    kind: str  # recorded in the manifest: diffusers | transformer-only | bfl | packed | mlx | gemlite | gguf
     transformer_config: dict
     tensors: list[SourceTensor]
     root: Path | None = None  # the model's folder (None for a single file)
