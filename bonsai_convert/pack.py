@@ -148,8 +148,11 @@ def _open_writers(root: Path, layout: ComponentLayout) -> dict[str, PositionalHa
     for shard_file in layout.shards:
         path = root / shard_file.path
         path.parent.mkdir(parents=True, exist_ok=True)
-        kind = TorchZipWriter if shard_file.container == "torch-zip" else SafetensorsWriter
-        writer = kind(path, [p.spec for p in shard_file.tensors], shard_file.metadata)
+        specs = [p.spec for p in shard_file.tensors]
+        if shard_file.container == "torch-zip":
+            writer: PositionalHashingWriter = TorchZipWriter(path, specs, shard_file.metadata, shard_file.modules)
+        else:
+            writer = SafetensorsWriter(path, specs, shard_file.metadata)
         for planned in shard_file.tensors:
             writers[planned.spec.name] = writer
     return writers

@@ -109,6 +109,15 @@ class TorchDtype:
 
 
 @dataclass(frozen=True)
+class TensorRef:
+    """For a writer: a module entry that is the file's tensor `name` (flat `module.key`), as an nn.Parameter or a
+    plain tensor. Two entries naming one tensor share its storage (a tied weight)."""
+
+    name: str
+    parameter: bool = False
+
+
+@dataclass(frozen=True)
 class _Global:
     module: str
     name: str
