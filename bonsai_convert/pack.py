@@ -279,11 +279,13 @@ def _write_prequantized_text_encoder(
     def fill() -> None:
         for name in sorted(layout.outputs_of):
             planned = {p.spec.name: p.spec.dtype for p in layout.outputs_of[name]}
+            shapes = {p.spec.name: p.spec.shape for p in layout.outputs_of[name]}
             stored = reader.stored(name)
             if (
                 target.carries_quantized_text_encoder == reader.format
                 and len(stored) > 1
                 and set(stored) == set(planned)
+                and all(tuple(value.shape) == shapes[key] for key, value in stored.items())  # e.g. HQQ group 64
             ):
                 outputs = {key: _as_dtype(key, value, planned[key]) for key, value in stored.items()}
             else:

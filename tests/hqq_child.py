@@ -2,6 +2,8 @@
 
 `load FOLDER OUT.npz`: `AutoHQQHFModel.from_quantized(FOLDER, compute_dtype=torch.float16, device="cpu")`, then every
 HQQLinear's `dequantize()` (hqq's fp16 decode) and the logits of a few tokens, saved to OUT.npz.
+`quantize SOURCE FOLDER`: the Qwen3ForCausalLM in SOURCE (a diffusers text_encoder folder) quantized by hqq the same
+way and saved to FOLDER (what PrismML's release ships), with the decode in FOLDER/hqq_dequantized.npz.
 `save FOLDER`: a small Qwen3ForCausalLM (tied embeddings) quantized by hqq on CPU (`BaseQuantizeConfig(nbits=4,
 group_size=64)`) and written with `save_quantized` (a real hqq qmodel.pt), with each HQQ layer's decode in
 FOLDER/hqq_dequantized.npz.
@@ -52,6 +54,18 @@ def save(folder: str) -> None:
     np.savez(f"{folder}/hqq_dequantized.npz", **_decoded(model))
 
 
+def quantize(source: str, folder: str) -> None:
+    from hqq.core.quantize import BaseQuantizeConfig
+    from hqq.models.hf.base import AutoHQQHFModel
+    from transformers import Qwen3ForCausalLM
+
+    model = Qwen3ForCausalLM.from_pretrained(source, dtype=torch.float16)
+    quant_config = BaseQuantizeConfig(nbits=4, group_size=64)
+    AutoHQQHFModel.quantize_model(model, quant_config=quant_config, compute_dtype=torch.float16, device="cpu")
+    AutoHQQHFModel.save_quantized(model, folder)
+    np.savez(f"{folder}/hqq_dequantized.npz", **_decoded(model))
+
+
 if __name__ == "__main__":
     command, *arguments = sys.argv[1:]
-    {"load": load, "save": save}[command](*arguments)
+    {"load": load, "save": save, "quantize": quantize}[command](*arguments)

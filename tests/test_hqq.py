@@ -9,6 +9,7 @@ hqq==0.2.8.post1`); they skip, saying so, when neither has it.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -176,8 +177,11 @@ def test_cuda_bundle_text_encoder_is_hqq_layout_torch_loads_and_runtime_decodes_
     from bonsai_cuda.hqq import dequantize as runtime_dequantize
     from bonsai_cuda.hqq import read_qmodel
 
-    folder = bundle_folder(demo_bundle(variant, "cuda"), "text_encoder")
+    bundle = demo_bundle(variant, "cuda")
+    folder = bundle_folder(bundle, "text_encoder")
     assert folder.name == "text_encoder-hqq-4bit"
+    layout = json.loads((bundle / "manifest.json").read_text())["layout"]
+    assert layout["released_loaders"] is True and layout["folders"]["text_encoder"] == "text_encoder-hqq-4bit"
     assert {p.name for p in folder.iterdir()} == {"config.json", "qmodel.pt"}
     loaded = torch.load(folder / "qmodel.pt", weights_only=True, mmap=True)
     ours = our_layers(folder / "qmodel.pt")
@@ -215,3 +219,38 @@ def test_our_reader_decodes_a_qmodel_written_by_hqq_itself(tmp_path):
     for name, decoded in ours.items():
         assert np.array_equal(decoded, theirs[name]), name
     assert read_module_container(folder / "qmodel.pt").aliases == {"lm_head.weight": "model.embed_tokens.weight"}
+
+
+@needs_hqq
+def test_a_gemlite_pack_with_an_hqq_saved_text_encoder_repacks_to_cuda_decoding_the_same(
+    demo_bundle, demo_checkpoint, tmp_path
+):
+    """A release-shaped Gemlite pack (our ternary cuda bundle without our records, its text encoder replaced by
+    hqq's own `save_quantized` of the demo's text encoder) as a source: the cuda bundle carries every HQQ layer,
+    and its qmodel.pt decodes to hqq's weights bit for bit."""
+    import shutil
+
+    from bonsai_convert.pack import PackOptions, pack
+    from bonsai_convert.sources import open_source
+
+    release = tmp_path / "release"
+    shutil.copytree(demo_bundle("ternary", "cuda"), release)
+    for name in ("manifest.json", "pipeline.json", "golden"):
+        path = release / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    folder = release / "text_encoder-hqq-4bit"
+    shutil.rmtree(folder)
+    saved = tmp_path / "hqq-saved"
+    run_hqq("quantize", str(demo_checkpoint("ternary") / "text_encoder"), str(saved))
+    folder.mkdir()
+    for name in ("config.json", "qmodel.pt"):
+        shutil.copy(saved / name, folder / name)
+    source = open_source(str(release))
+    assert (source.kind, source.text_encoder_prequantized, source.text_encoder_format) == ("gemlite", True, "hqq")
+    out = tmp_path / "bundle"
+    pack(str(release), out, PackOptions(target="cuda", golden=False))
+    theirs = dict(np.load(saved / "hqq_dequantized.npz"))
+    ours = our_layers(bundle_folder(out, "text_encoder") / "qmodel.pt")
+    assert sorted(ours) == sorted(theirs)
+    for name, decoded in ours.items():
+        assert np.array_equal(decoded, theirs[name]), name
