@@ -27,11 +27,11 @@ class HqqTextEncoder:
     def __init__(self, folder: Path):
         self.folder = folder
         self.path = folder / hqq.WEIGHTS_FILE
-        self.config = read_json(folder / "config.json")
         try:
             container = read_module_container(self.path)
         except ContainerError as error:
             raise InputError(str(error)) from error
+        self.config = read_json(folder / "config.json")
         self.layers: dict[str, tuple[tuple[int, int], dict[str, StoredTensor]]] = {}
         self.dense: dict[str, StoredTensor] = {}
         for module, entries in container.modules.items():
