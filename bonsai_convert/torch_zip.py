@@ -1,4 +1,5 @@
-"""torch.save's zip container (a dict of tensors), written deterministically and read without unpickling.
+"""torch.save's zip container (a dict of tensors, or HQQ's dict of module state dicts: formats/hqq.md), written
+deterministically and read without unpickling.
 
 Why by hand (formats/gemlite.md, "Container"): `torch.save` needs every tensor in memory at once, writes a random
 `.data/serialization_id` (so two packs would differ) and its size cannot be predicted from shapes; `torch.load`

@@ -161,12 +161,6 @@ def _metadata_value(value, where: str):
     raise ContainerError(f"{where} is a {type(value).__name__}, not a tensor or plain metadata")
 
 
-def walk_module_dict_pickle(raw: bytes, label: str) -> dict[str, dict[str, object]]:
-    """{module: {key: tensor reference or metadata}} of a dict of module state dicts (HQQ's qmodel.pt), from its
-    opcodes: values are tensors, ints, bools, strings, None, `TorchSize` or `TorchDtype`; nothing else."""
-    return _module_dict(_walk_pickle(raw, label), label)
-
-
 def _is_module_dict(result) -> bool:
     return isinstance(result, dict) and bool(result) and all(isinstance(v, dict) for v in result.values())
 
