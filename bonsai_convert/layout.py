@@ -68,6 +68,7 @@ class ShardFile:
     metadata: dict[str, str]
     container: str = "safetensors"
     gguf: GGUFLayout | None = None
+    modules: dict[str, dict[str, object]] | None = None  # torch-zip: a dict of module state dicts (HQQ's qmodel.pt)
 
     @property
     def nbytes(self) -> int:
@@ -75,7 +76,7 @@ class ShardFile:
             return self.gguf.nbytes
         specs = [p.spec for p in self.tensors]
         if self.container == "torch-zip":
-            return torch_zip.file_size(specs, torch_zip.archive_name(self.path))
+            return torch_zip.file_size(specs, torch_zip.archive_name(self.path), self.modules)
         return file_size(specs, self.metadata)
 
 
@@ -192,11 +193,20 @@ def kept_text_encoder_tensors(
 
 
 def text_encoder_layout(
-    target: Target, tensors: dict[str, tuple[tuple[int, ...], str]], shard_bytes: int, folder: str
+    target: Target,
+    tensors: dict[str, tuple[tuple[int, ...], str]],
+    shard_bytes: int,
+    folder: str,
+    config: dict | None = None,
 ) -> ComponentLayout:
     planned: list[Planned] = []
     for name, (shape, dtype) in sorted(tensors.items()):
         planned.extend(target.text_encoder_outputs(name, shape, dtype))
+    if target.text_encoder_container == "torch-zip":  # one qmodel.pt, no index (HQQ)
+        modules = target.text_encoder_modules(tensors, config or {})
+        ordered = sorted(planned, key=lambda p: p.spec.name)
+        shard_file = ShardFile(f"{folder}/{target.text_encoder_file}", ordered, {}, "torch-zip", modules)
+        return ComponentLayout("text_encoder", [shard_file], None, _outputs_of(planned))
     metadata = {"format": target.safetensors_format}
     return component_files("text_encoder", folder, planned, metadata, shard_bytes, target.text_encoder_file)
 
@@ -373,7 +383,9 @@ def bundle_layout(
         kept = kept_text_encoder_tensors(
             model.text_encoder, model.text_encoder_config, model.out_layers, target.truncates_text_encoder
         )
-        components["text_encoder"] = text_encoder_layout(target, kept, shard_bytes, folders["text_encoder"])
+        components["text_encoder"] = text_encoder_layout(
+            target, kept, shard_bytes, folders["text_encoder"], model.text_encoder_config
+        )
         json_files[f"{folders['text_encoder']}/config.json"] = te_config
         if target.tokenizer_in_text_encoder:
             copies += [(f"{folders['text_encoder']}/{f.relative}", f) for f in model.copied_files.get("tokenizer", [])]

@@ -66,14 +66,17 @@ def layout_folders(root: Path) -> dict[str, str]:
 
 def layout_record(target: str, folders: dict[str, str], dense_dtype: str) -> dict:
     """Which layout the bundle has, and whether PrismML's released loaders can open it."""
-    released = target in ("iphone", "ipad", "mac") and dense_dtype == "BF16"
+    mlx = target in ("iphone", "ipad", "mac")
+    hqq_text_encoder = folders.get("text_encoder") == "text_encoder-hqq-4bit"
+    released = (mlx and dense_dtype == "BF16") or (target == "cuda" and hqq_text_encoder)
     record = {"folders": folders, "dense_dtype": dense_dtype, "released_loaders": released}
-    if target in ("iphone", "ipad", "mac") and not released:
+    if mlx and not released:
         record["note"] = "fp16 bundle (--dtype float16): the released MLX loaders read bf16 and cannot use it"
     if target == "cuda":
         record["note"] = (
-            "transformer in the released Gemlite layout (state_dict.pt, config.json, quantization_config.json, "
-            "gemlite_autotune.json); the text encoder is Gemlite 4-bit safetensors, not the release's HQQ qmodel.pt"
+            "both parts in the released layout: the transformer as image-studio's Gemlite loader reads it "
+            "(state_dict.pt, config.json, quantization_config.json, gemlite_autotune.json), the text encoder as "
+            "hqq's AutoHQQHFModel.from_quantized reads it (text_encoder-hqq-4bit/{config.json, qmodel.pt})"
         )
     return record
 

@@ -152,9 +152,10 @@ def _open_writers(root: Path, layout: ComponentLayout) -> dict[str, PositionalHa
         specs = [p.spec for p in shard_file.tensors]
         if shard_file.gguf is not None:
             writer: PositionalHashingWriter = GGUFFileWriter(path, specs, shard_file.gguf)
+        elif shard_file.container == "torch-zip":
+            writer = TorchZipWriter(path, specs, shard_file.metadata, shard_file.modules)
         else:
-            kind = TorchZipWriter if shard_file.container == "torch-zip" else SafetensorsWriter
-            writer = kind(path, specs, shard_file.metadata)
+            writer = SafetensorsWriter(path, specs, shard_file.metadata)
         for planned in shard_file.tensors:
             writers[planned.spec.name] = writer
     return writers
@@ -281,11 +282,13 @@ def _write_prequantized_text_encoder(
     def fill() -> None:
         for name in sorted(layout.outputs_of):
             planned = {p.spec.name: p.spec.dtype for p in layout.outputs_of[name]}
+            shapes = {p.spec.name: p.spec.shape for p in layout.outputs_of[name]}
             stored = reader.stored(name)
             if (
                 target.carries_quantized_text_encoder == reader.format
                 and len(stored) > 1
                 and set(stored) == set(planned)
+                and all(tuple(value.shape) == shapes[key] for key, value in stored.items())  # e.g. HQQ group 64
             ):
                 outputs = {key: _as_dtype(key, value, planned[key]) for key, value in stored.items()}
             else:

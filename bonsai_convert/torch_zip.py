@@ -1,4 +1,5 @@
-"""torch.save's zip container (a dict of tensors), written deterministically and read without unpickling.
+"""torch.save's zip container (a dict of tensors, or HQQ's dict of module state dicts: formats/hqq.md), written
+deterministically and read without unpickling.
 
 Why by hand (formats/gemlite.md, "Container"): `torch.save` needs every tensor in memory at once, writes a random
 `.data/serialization_id` (so two packs would differ) and its size cannot be predicted from shapes; `torch.load`
@@ -16,7 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from bonsai_common.torch_zip import STORAGE_OF_DTYPE, ContainerError, contiguous_strides, read_container
+from bonsai_common.torch_zip import (
+    STORAGE_OF_DTYPE,
+    ContainerError,
+    TensorRef,
+    TorchDtype,
+    TorchSize,
+    contiguous_strides,
+    read_container,
+)
 
 from .errors import InputError
 from .safetensors_io import PositionalHashingWriter, SafetensorsFile, TensorInfo, TensorSpec
@@ -61,28 +70,86 @@ def _tuple(items: list[bytes]) -> bytes:
     return b"(" + b"".join(items) + b"t"
 
 
+def _tensor(spec: TensorSpec, key: int) -> bytes:
+    """`torch._utils._rebuild_tensor_v2(storage key, 0, shape, stride, False, OrderedDict())`, storage `key`."""
+    numel = int(np.prod(spec.shape, dtype=np.int64)) if spec.shape else 1
+    storage = _tuple(
+        [_unicode("storage"), b"ctorch\n" + STORAGE_OF_DTYPE[spec.dtype].encode() + b"\n"]
+        + [_unicode(str(key)), _unicode("cpu"), _int(numel)]
+    )
+    arguments = [
+        storage + b"Q",  # BINPERSID
+        _int(0),
+        _tuple([_int(d) for d in spec.shape]),
+        _tuple([_int(s) for s in contiguous_strides(spec.shape)]),
+        b"\x89",  # NEWFALSE: requires_grad
+        _EMPTY_ORDERED_DICT,  # backward hooks
+    ]
+    return b"ctorch._utils\n_rebuild_tensor_v2\n(" + b"".join(arguments) + b"tR"
+
+
+_EMPTY_ORDERED_DICT = b"ccollections\nOrderedDict\n)R"
+
+
 def state_dict_pickle(specs: list[TensorSpec]) -> bytes:
     """data.pkl for {name: tensor} in name order; tensor i is storage `i`, offset 0, contiguous."""
     out = [b"\x80\x02}"]  # PROTO 2, EMPTY_DICT
     if specs:
         out.append(b"(")
     for key, spec in enumerate(specs):
-        numel = int(np.prod(spec.shape, dtype=np.int64)) if spec.shape else 1
-        storage = _tuple(
-            [_unicode("storage"), b"ctorch\n" + STORAGE_OF_DTYPE[spec.dtype].encode() + b"\n"]
-            + [_unicode(str(key)), _unicode("cpu"), _int(numel)]
-        )
-        arguments = [
-            storage + b"Q",  # BINPERSID
-            _int(0),
-            _tuple([_int(d) for d in spec.shape]),
-            _tuple([_int(s) for s in contiguous_strides(spec.shape)]),
-            b"\x89",  # NEWFALSE: requires_grad
-            b"ccollections\nOrderedDict\n)R",  # backward hooks
-        ]
-        out.append(_unicode(spec.name) + b"ctorch._utils\n_rebuild_tensor_v2\n(" + b"".join(arguments) + b"tR")
+        out.append(_unicode(spec.name) + _tensor(spec, key))
     if specs:
         out.append(b"u")  # SETITEMS
+    out.append(b".")
+    return b"".join(out)
+
+
+def _value(value: object, tensors: dict[str, tuple[int, TensorSpec]], where: str) -> bytes:
+    """One module entry as torch.save pickles it: a tensor (or nn.Parameter) of the file, or plain metadata."""
+    if isinstance(value, TensorRef):
+        if value.name not in tensors:
+            raise ValueError(f"{where}: tensor {value.name} is not in the file")
+        key, spec = tensors[value.name]
+        tensor = _tensor(spec, key)
+        if not value.parameter:
+            return tensor
+        # torch._utils._rebuild_parameter(tensor, requires_grad=False, OrderedDict())
+        return b"ctorch._utils\n_rebuild_parameter\n" + tensor + b"\x89" + _EMPTY_ORDERED_DICT + b"\x87R"
+    if value is None:
+        return b"N"
+    if isinstance(value, bool):
+        return b"\x88" if value else b"\x89"  # NEWTRUE / NEWFALSE
+    if isinstance(value, int):
+        return _int(value)
+    if isinstance(value, str):
+        return _unicode(value)
+    if isinstance(value, TorchSize):
+        return b"ctorch\nSize\n" + _tuple([_tuple([_int(d) for d in value.dims])]) + b"R"
+    if isinstance(value, TorchDtype):
+        return b"ctorch\n" + value.name.encode() + b"\n"
+    raise ValueError(f"{where}: {type(value).__name__} cannot be written")
+
+
+def module_dict_pickle(specs: list[TensorSpec], modules: dict[str, dict[str, object]]) -> bytes:
+    """data.pkl for {module: {key: value}} (HQQ's qmodel.pt, formats/hqq.md), modules and keys in the given order.
+
+    Tensor values are `TensorRef`s to `specs` (name order = storage keys 0, 1, ...); each spec is referenced at
+    least once, and a second reference shares the storage (a tied weight)."""
+    tensors = {spec.name: (key, spec) for key, spec in enumerate(specs)}
+    referenced = {v.name for state in modules.values() for v in state.values() if isinstance(v, TensorRef)}
+    if referenced != set(tensors):
+        raise ValueError(f"tensors not referenced by a module: {sorted(set(tensors) - referenced)[:3]}")
+    out = [b"\x80\x02}"]
+    if modules:
+        out.append(b"(")
+    for module, state in modules.items():
+        out.append(_unicode(module) + b"}")
+        if state:
+            out.append(b"(")
+            out += [_unicode(key) + _value(value, tensors, f"{module}.{key}") for key, value in state.items()]
+            out.append(b"u")
+    if modules:
+        out.append(b"u")
     out.append(b".")
     return b"".join(out)
 
@@ -159,15 +226,20 @@ class ContainerLayout:
         return self.central_offset + len(self.central_directory({r.name: 0 for r in self.records}))
 
 
-def container_layout(specs: list[TensorSpec], archive: str) -> ContainerLayout:
-    """Records in torch's order: data.pkl, the small records, data/0 … data/N−1, version; each 64-byte aligned."""
+def container_layout(
+    specs: list[TensorSpec], archive: str, modules: dict[str, dict[str, object]] | None = None
+) -> ContainerLayout:
+    """Records in torch's order: data.pkl, the small records, data/0 … data/N−1, version; each 64-byte aligned.
+
+    `modules` (a dict of module state dicts, HQQ's qmodel.pt) replaces the flat {name: tensor} pickle."""
     ordered = tuple(sorted(specs, key=lambda s: s.name))
     for spec in ordered:
         if spec.dtype not in STORAGE_OF_DTYPE:
             raise ValueError(f"{spec.name}: dtype {spec.dtype} has no torch storage here")
         if spec.nbytes >= _ZIP64_LIMIT:
             raise ValueError(f"{spec.name}: {spec.nbytes} bytes, one record must stay under 4 GiB")
-    contents = {f"{archive}/data.pkl": state_dict_pickle(list(ordered))}
+    pickled = state_dict_pickle(list(ordered)) if modules is None else module_dict_pickle(list(ordered), modules)
+    contents = {f"{archive}/data.pkl": pickled}
     contents |= {f"{archive}/{name}": value for name, value in SMALL_RECORDS}
     sizes = [(name, len(value)) for name, value in contents.items()]
     sizes += [(f"{archive}/data/{key}", spec.nbytes) for key, spec in enumerate(ordered)]
@@ -182,9 +254,9 @@ def container_layout(specs: list[TensorSpec], archive: str) -> ContainerLayout:
     return ContainerLayout(archive, ordered, tuple(records), contents, offset)
 
 
-def file_size(specs: list[TensorSpec], archive: str) -> int:
-    """The exact size of the state_dict.pt `TorchZipWriter` writes for these specs."""
-    return container_layout(specs, archive).size
+def file_size(specs: list[TensorSpec], archive: str, modules: dict[str, dict[str, object]] | None = None) -> int:
+    """The exact size of the state_dict.pt (or module-dict qmodel.pt) `TorchZipWriter` writes for these specs."""
+    return container_layout(specs, archive, modules).size
 
 
 # --- the writer -----------------------------------------------------------------------------------------------------
@@ -196,8 +268,14 @@ class TorchZipWriter(PositionalHashingWriter):
     A record's local header holds its CRC-32, so it is written once the record is complete (rows arriving in order
     are checksummed as they come; otherwise the record is read back); the central directory is written at close."""
 
-    def __init__(self, path: Path, specs: list[TensorSpec], metadata: dict[str, str] | None = None):
-        self.layout = container_layout(list(specs), archive_name(str(path)))
+    def __init__(
+        self,
+        path: Path,
+        specs: list[TensorSpec],
+        metadata: dict[str, str] | None = None,
+        modules: dict[str, dict[str, object]] | None = None,
+    ):
+        self.layout = container_layout(list(specs), archive_name(str(path)), modules)
         records = self.layout.tensor_records
         offsets = {name: record.data_offset for name, record in records.items()}
         super().__init__(path, self.layout.specs, offsets, self.layout.size)

@@ -125,6 +125,8 @@ def check_integrity(
             return None
     if containers:
         detail = "zip entries and pickle opcodes are a plain tensor dict (read without unpickling)"
+        if any(p.endswith("qmodel.pt") for p in containers):
+            detail = "state_dict.pt and qmodel.pt: zip entries and pickle opcodes within the allow-list (not unpickled)"
         checks.add("state_dict.pt", True, detail)
     if pool is None or hashes is None:
         with ThreadPoolExecutor(worker_count()) as own:

@@ -282,8 +282,8 @@ def _as_released(tensors) -> None:
 
 @pytest.fixture(scope="module")
 def gemlite_release(demo_bundle, tmp_path_factory):
-    """gemlite_release(variant): a stand-in of `…-gemlite-{1,2}bit`'s transformer folder (no text encoder: the
-    release's is HQQ, which is not read), with the release's tensor forms."""
+    """gemlite_release(variant): a stand-in of `…-gemlite-{1,2}bit`'s transformer folder alone (its HQQ text
+    encoder is covered by tests/test_hqq.py), with the release's tensor forms."""
     made = {}
 
     def build(variant: str) -> Path:
@@ -341,7 +341,7 @@ def _gemlite_inexact_scale(tensors):
 
 def _gemlite_hqq_folder(root: Path) -> None:
     (root / "text_encoder-hqq-4bit").mkdir()
-    (root / "text_encoder-hqq-4bit" / "qmodel.pt").write_bytes(b"not read")
+    (root / "text_encoder-hqq-4bit" / "qmodel.pt").write_bytes(b"not a zip")  # read (never unpickled), refused
 
 
 @pytest.mark.parametrize(
@@ -350,7 +350,7 @@ def _gemlite_hqq_folder(root: Path) -> None:
         (_gemlite_code_three, "ternary code 3"),
         (_gemlite_zeros_off, "zeros = −scales"),
         (_gemlite_inexact_scale, "fp16 cannot hold exactly"),
-        (_gemlite_hqq_folder, "HQQ text encoders are not read"),
+        (_gemlite_hqq_folder, "qmodel.pt: not a torch zip file"),
     ],
 )
 def test_a_gemlite_pack_that_is_not_exact_bonsai_is_refused_naming_the_tensor(gemlite_release, tmp_path, edit, reason):

@@ -15,6 +15,7 @@ from ..model_shapes import KLEIN_TEXT_ENCODER_OUT_LAYERS, transformer_shapes
 from ..safetensors_io import FLOAT_DTYPES, SafetensorsFile, bf16_bits_to_float32
 from ..torch_zip import TorchZipFile
 from ..vocabulary import DEFAULT_BASE_MODEL
+from .hqq import HqqTextEncoder, is_hqq_folder
 
 TORCH_ZIP_FILE = "state_dict.pt"  # a Gemlite pack's transformer (formats/gemlite.md)
 
@@ -202,7 +203,9 @@ def other_components(root: Path, renamed: dict[str, str]) -> tuple[dict[str, Pat
         if plain_dir(path):
             components[name] = path
     for name in ("text_encoder", "vae"):
-        if name in components:
+        if name == "text_encoder" and name in components and is_hqq_folder(components[name]):
+            HqqTextEncoder(components[name])  # HQQ's qmodel.pt, checked without unpickling
+        elif name in components:
             component_tensors(components[name])
     files = [path for folder in components.values() for path in safe_files_under(folder)]
     return components, files

@@ -25,6 +25,7 @@ from .base import (
     other_components,
     recorded_settings,
 )
+from .hqq import HQQ_TEXT_ENCODER, is_hqq_folder
 from .mlx import mlx_pack_variant
 
 
@@ -130,17 +131,13 @@ def gemlite_folder(root: Path) -> Path | None:
 
 def open_gemlite_pack(root: Path, label: str, folder: Path) -> GemlitePackSource:
     """A Gemlite pack (the released `transformer-gemlite-int{1,2}/state_dict.pt` layout) as a source: every layer
-    decoded exactly back to codes + scales, state_dict.pt read without unpickling."""
+    decoded exactly back to codes + scales, state_dict.pt read without unpickling; its HQQ text encoder
+    (`text_encoder-hqq-4bit/`, the release's and ours) read the same way (sources/hqq.py)."""
     config = read_json(folder / "config.json")
     check_config(str(folder / "config.json"), config)
     variant = mlx_pack_variant(folder, config, "Gemlite")  # the same rule: bits 1|2, group 128, solver
     if folder.name != f"transformer-gemlite-int{1 if variant == 'binary' else 2}":
         raise InputError(f"{folder}: the folder name does not match its {variant} quantization_config.json")
-    if plain_dir(root / "text_encoder-hqq-4bit"):
-        raise InputError(
-            f"{root / 'text_encoder-hqq-4bit'}: HQQ text encoders are not read (qmodel.pt pickles HQQ's own "
-            "metadata); pack from the unpacked or MLX release instead"
-        )
     files, _, _ = component_weight_files(folder)
     by_name = open_tensor_files(files)
     handles = {name: handle for name, (handle, _) in by_name.items()}
@@ -149,8 +146,11 @@ def open_gemlite_pack(root: Path, label: str, folder: Path) -> GemlitePackSource
         if not is_low_bit_key(f"{module}.weight"):
             raise InputError(f"{folder}: gemlite tensors for {module}, which is not one of Klein's low-bit linears")
     check_klein(str(folder), config, shapes)
-    components, component_files = other_components(root, {})
-    prequantized = "text_encoder" in components and is_gemlite_text_encoder(components["text_encoder"])
+    renamed = {"text_encoder": HQQ_TEXT_ENCODER} if plain_dir(root / HQQ_TEXT_ENCODER) else {}
+    components, component_files = other_components(root, renamed)
+    text_encoder = components.get("text_encoder")
+    hqq_text_encoder = text_encoder is not None and is_hqq_folder(text_encoder)
+    prequantized = text_encoder is not None and (hqq_text_encoder or is_gemlite_text_encoder(text_encoder))
     tensors = []
     for name in sorted(shapes):
         key = name[: -len(".weight")] + ".W_q" if name[: -len(".weight")] in modules else name
@@ -167,7 +167,7 @@ def open_gemlite_pack(root: Path, label: str, folder: Path) -> GemlitePackSource
         files=sorted(list(files) + extra + component_files),
         stored_variant=variant,
         text_encoder_prequantized=prequantized,
-        text_encoder_format="gemlite" if prequantized else None,
+        text_encoder_format=("hqq" if hqq_text_encoder else "gemlite") if prequantized else None,
         text_encoder_out_layers=out_layers,
         max_sequence_length=max_sequence_length,
     )

@@ -15,7 +15,8 @@ from ..errors import InputError, RemoteError
 
 REPO_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+)(?:@(?P<revision>[A-Za-z0-9_./-]+))?$")
 # What any source kind reads: diffusers folders, the released MLX and Gemlite layouts, a packed bundle's own files,
-# licences. The only `.pt` fetched is a Gemlite pack's transformer state_dict.pt (read without unpickling).
+# licences. The only `.pt` files fetched are a Gemlite pack's transformer state_dict.pt and its HQQ text encoder's
+# qmodel.pt (both read without unpickling).
 NEEDED_FILES = [
     "model_index.json",
     "manifest.json",
@@ -29,13 +30,20 @@ NEEDED_FILES = [
     "transformer-gemlite-int2/*",
     "text_encoder/*",
     "text_encoder-mlx-4bit/*",
+    "text_encoder-hqq-4bit/*",
     "tokenizer/*",
     "vae/*",
     "scheduler/*",
 ]
 NEVER_FILES = ["*.bin", "*.pth", "*.ckpt", "*.pkl", "*.pickle", "*.msgpack", "*.h5", "*.onnx", "*.gguf"]
-NEVER_FILES += [f"{folder[:-2]}/*.pt" for folder in NEEDED_FILES if folder.endswith("/*") and "gemlite" not in folder]
+_PT_FOLDERS = ("gemlite", "hqq")
+NEVER_FILES += [
+    f"{folder[:-2]}/*.pt"
+    for folder in NEEDED_FILES
+    if folder.endswith("/*") and not any(k in folder for k in _PT_FOLDERS)
+]
 NEVER_FILES += ["transformer-gemlite-int*/[!s]*.pt", "transformer-gemlite-int*/s[!t]*.pt"]  # only state_dict.pt
+NEVER_FILES += ["text_encoder-hqq-4bit/[!q]*.pt", "text_encoder-hqq-4bit/q[!m]*.pt"]  # only qmodel.pt
 
 
 @dataclass(frozen=True)

@@ -79,6 +79,7 @@ class Target:
     transformer_file: str | None = None  # one unsharded transformer file of this name, else sharded + index
     transformer_container: str = "safetensors"  # or "torch-zip" (torch.save's zip, formats/gemlite.md)
     text_encoder_file: str | None = None  # one text-encoder file of this name (+ its index), else sharded
+    text_encoder_container: str = "safetensors"  # or "torch-zip": one file, a dict of module state dicts (HQQ)
     tokenizer_in_text_encoder: bool = False  # tokenizer files also inside the text-encoder folder (mlx-lm)
     carries_quantized_text_encoder: str | None = None  # a prequantized text encoder of this format is carried as is
 
@@ -119,6 +120,10 @@ class Target:
     def text_encoder_row_separable(self, name: str) -> bool:
         """Whether encoding rows separately and stacking them gives the whole tensor's encoding (row-major)."""
         return True
+
+    def text_encoder_modules(self, tensors: dict[str, tuple[tuple[int, ...], str]], config: dict) -> dict | None:
+        """For a torch-zip text encoder: module → {key: TensorRef or metadata} (its pickle), else None."""
+        return None
 
     def text_encoder_as_shipped(self, name: str, values: np.ndarray) -> np.ndarray:
         """The text-encoder weight as the runtime will see it (what the golden reference must use too)."""

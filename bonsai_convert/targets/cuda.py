@@ -1,18 +1,21 @@
-"""CUDA bundles: every low-bit linear as the state dict GemLiteLinearTriton loads without re-packing."""
+"""CUDA bundles: every low-bit linear as the state dict GemLiteLinearTriton loads without re-packing; the text
+encoder as HQQ 4-bit (`text_encoder-hqq-4bit/qmodel.pt`, what PrismML's release loads with hqq)."""
 
 from __future__ import annotations
 
 import re
 
 import numpy as np
+from bonsai_common.torch_zip import TensorRef
 
 from ..codecs import gemlite as codec
+from ..codecs import hqq
 from ..lowbit import LowBitTensor, to_fp16
 from ..safetensors_io import TensorSpec
 from .base import Planned, Target, block_pattern, dense_output
 
-TEXT_GROUP_SIZE = 64
-TEXT_BITS = 4
+TEXT_GROUP_SIZE = hqq.GROUP_SIZE
+TEXT_BITS = hqq.NBITS
 _PART_OF = {
     "W_q": "low_bit_codes",
     "scales": "scales",
@@ -20,6 +23,8 @@ _PART_OF = {
     "metadata": "metadata",
     "orig_shape": "metadata",
     "meta_scale": "metadata",
+    "scale": "scales",
+    "zero": "zeros",
 }
 # The Qwen3 linears (not the embedding: GemLite is a Linear kernel).
 _TEXT_LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight$")
@@ -92,19 +97,23 @@ AUTOTUNE_FILE = "gemlite_autotune.json"
 
 
 class CudaTarget(Target):
-    """PrismML's released CUDA layout for the transformer: `transformer-gemlite-int{1,2}/` holding `state_dict.pt`
-    (torch.save's zip of plain tensors), `config.json`, `quantization_config.json` and `gemlite_autotune.json`."""
+    """PrismML's released CUDA layout: `transformer-gemlite-int{1,2}/` holding `state_dict.pt` (torch.save's zip of
+    plain tensors), `config.json`, `quantization_config.json` and `gemlite_autotune.json`; the text encoder as
+    `text_encoder-hqq-4bit/{config.json, qmodel.pt}` (hqq's `save_quantized` layout)."""
 
     name = "cuda"
     quantizes_text_encoder = True
     truncates_text_encoder = False  # the runtime is diffusers/transformers: every layer is kept
     transformer_file = "state_dict.pt"
-    carries_quantized_text_encoder = "gemlite"  # a cuda bundle's own text encoder, repacked
+    carries_quantized_text_encoder = "hqq"  # a cuda bundle's (or the release's) HQQ text encoder, carried
     transformer_container = "torch-zip"
+    text_encoder_file = hqq.WEIGHTS_FILE
+    text_encoder_container = "torch-zip"  # a dict of module state dicts (formats/hqq.md)
 
     def folders(self, variant: str) -> dict[str, str]:
         result = super().folders(variant)
         result["transformer"] = f"transformer-gemlite-int{codec.VARIANT_BITS[variant]}"
+        result["text_encoder"] = hqq.FOLDER
         return result
 
     def quantization_config(self, variant: str, low_bit_names: list[str], dense_names: list[str]) -> dict:
@@ -140,30 +149,40 @@ class CudaTarget(Target):
         return {f"{prefix}.{key}": value for key, value in state.items()}
 
     def text_encoder_outputs(self, name: str, shape: tuple[int, ...], dtype: str) -> list[Planned]:
-        if not _TEXT_LINEAR.match(name) or len(shape) != 2 or shape[1] % TEXT_GROUP_SIZE or shape[1] % 32:
-            return [dense_output(name, shape, dtype)]
+        """A Qwen3 linear whose weights fill whole pairs of 64-groups: HQQ's W_q, scale, zero; the rest dense."""
+        if not _TEXT_LINEAR.match(name) or not hqq.quantizable(tuple(shape)):
+            return [dense_output(name, shape, dtype, self.dense_dtype)]
         prefix = name[: -len(".weight")]
-        rows, cols = shape
-        groups = cols // TEXT_GROUP_SIZE
-        specs = {
-            "W_q": ("I32", (cols * TEXT_BITS // 32, rows)),
-            "scales": ("F16", (groups, rows)),
-            "zeros": ("F16", (groups, rows)),
-            "metadata": ("I32", (len(codec.METADATA_FIELDS),)),
-            "orig_shape": ("I32", (2,)),
-            "meta_scale": ("F32", ()),
-        }
         return [
-            Planned(TensorSpec(f"{prefix}.{key}", *specs[key]), _PART_OF[key], name) for key in codec.STORED_LAYER_KEYS
+            Planned(TensorSpec(out_name, out_dtype, out_shape), _PART_OF[out_name.rsplit(".", 1)[1]], name)
+            for out_name, out_dtype, out_shape in hqq.tensor_specs(prefix, shape[0], shape[1])
         ]
+
+    def text_encoder_modules(self, tensors: dict[str, tuple[tuple[int, ...], str]], config: dict) -> dict:
+        """qmodel.pt's modules (formats/hqq.md): an HQQ layer's entries, or a dense module's {key: tensor}; a tied
+        lm_head shares the embedding's storage, as `save_quantized` writes it."""
+        modules: dict[str, dict[str, object]] = {}
+        for name, (shape, dtype) in sorted(tensors.items(), key=lambda item: _natural(item[0])):
+            module, _, key = name.rpartition(".")
+            outputs = self.text_encoder_outputs(name, shape, dtype)
+            if len(outputs) > 1:
+                modules[module] = hqq.layer_entries(module, shape[0], shape[1])
+            else:
+                modules.setdefault(module, {})[key] = TensorRef(name)
+        embedding = "model.embed_tokens.weight"
+        if config.get("tie_word_embeddings", False) and embedding in tensors and "lm_head.weight" not in tensors:
+            modules["lm_head"] = {"weight": TensorRef(embedding)}
+        return modules
+
+    def _hqq_state(self, name: str, quantized: tuple[np.ndarray, ...]) -> dict[str, np.ndarray]:
+        q, scales, zeros = quantized
+        prefix = name[: -len(".weight")]
+        return {f"{prefix}.{key}": value for key, value in hqq.encode(q, scales, zeros).items()}
 
     def encode_text_encoder(self, name: str, values: np.ndarray) -> dict[str, np.ndarray]:
         if len(self.text_encoder_outputs(name, values.shape, "F32")) == 1:
             return super().encode_text_encoder(name, values)
-        q, scales, zeros = quantize_affine_4bit(to_fp16(name, values))
-        state = codec.encode_affine(q, scales, zeros, TEXT_BITS, TEXT_GROUP_SIZE)
-        prefix = name[: -len(".weight")]
-        return {f"{prefix}.{key}": value for key, value in state.items()}
+        return self._hqq_state(name, quantize_affine_4bit(hqq.grouped(to_fp16(name, values))))
 
     def encode_text_encoder_stored(self, name: str, stored: np.ndarray, stored_dtype: str) -> dict | None:
         """`encode_text_encoder` of the widened values, from the stored bf16/fp16 patterns (same bytes): the
@@ -173,32 +192,38 @@ class CudaTarget(Target):
         outputs = self.text_encoder_outputs(name, stored.shape, stored_dtype)
         if len(outputs) == 1 or stored_dtype not in ("BF16", "F16"):
             return None
-        bits = np.ascontiguousarray(stored).view(np.uint16)
+        bits = hqq.grouped(np.ascontiguousarray(stored).view(np.uint16))
         quantized = quantize_affine_4bit(bits, TEXT_GROUP_SIZE, kernels.widening_table(stored_dtype, via_fp16=True))
-        if quantized is None:
-            return None
-        q, scales, zeros = quantized
-        state = codec.encode_affine(q, scales, zeros, TEXT_BITS, TEXT_GROUP_SIZE)
-        prefix = name[: -len(".weight")]
-        return {f"{prefix}.{key}": value for key, value in state.items()}
+        return None if quantized is None else self._hqq_state(name, quantized)
 
     def text_encoder_row_separable(self, name: str) -> bool:
-        """Gemlite tensors are stored transposed ([K/e, N]): only dense tensors can be written in row chunks."""
-        return len(self.text_encoder_outputs(name, (1, 64), "F32")) == 1
+        """HQQ packs group r with group r + G/2 into one byte: only dense tensors can be written in row chunks."""
+        return len(self.text_encoder_outputs(name, (2, 64), "F32")) == 1
 
     def text_encoder_as_shipped(self, name: str, values: np.ndarray) -> np.ndarray:
         encoded = self.encode_text_encoder(name, values)
         if len(encoded) == 1:
             return encoded[name]
         prefix = name[: -len(".weight")]
-        return codec.dequantize({key: encoded[f"{prefix}.{key}"] for key in codec.STORED_LAYER_KEYS})
+        state = {key: encoded[f"{prefix}.{key}"] for key in hqq.TENSOR_KEYS}
+        return hqq.dequantize(state["W_q"], state["scale"], state["zero"], values.shape)
 
     def text_encoder_config(self, config: dict) -> dict:
+        """The source's Qwen3 config with `architectures` (hqq's `create_model` picks the model class from it) and
+        a `bonsai_quantization` record (informational; transformers and hqq ignore it)."""
         result = dict(config)
+        result["architectures"] = ["Qwen3ForCausalLM"]
         result["bonsai_quantization"] = {
-            "format": "gemlite",
-            "W_nbits": TEXT_BITS,
+            "format": "hqq",
+            "nbits": TEXT_BITS,
             "group_size": TEXT_GROUP_SIZE,
-            "scheme": "affine min/max round-to-nearest (MLX affine), fma zeros",
+            "axis": 1,
+            "compute_dtype": hqq.COMPUTE_DTYPE,
+            "scheme": "min/max round-to-nearest (MLX affine), unrounded fp16 zero; not HQQ's optimizer",
         }
         return result
+
+
+def _natural(name: str) -> tuple:
+    """Sort key putting `model.layers.2` before `model.layers.10` (the model's own order of modules)."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in name.split("."))

@@ -1,6 +1,11 @@
 """Read torch.save's zip of a tensor dict without unpickling: the zip's entries are checked and the pickle's
 opcodes walked (`pickletools.genops`, never executed) against an allow-list of what a dict of tensors needs.
 
+HQQ's `qmodel.pt` (formats/hqq.md) is a dict of module name → that module's state dict, whose HQQ layers also hold
+plain metadata (ints, bools, strings, None, a `torch.Size`, `torch.<dtype>` objects, `W_q` as an nn.Parameter, and
+a tied weight referencing another module's storage): `read_module_container` reads those, and `read_container`
+reads such a file as its flattened tensors `module.key`.
+
 Shared by the CUDA runtime (which never runs a pickle either) and the converter's readers (verify, sources).
 stdlib + numpy only. Spec: formats/gemlite.md, "Container".
 """
@@ -80,7 +85,36 @@ _ALLOWED_OPCODES = {
     "SETITEM", "SETITEMS", "BUILD",
 }  # fmt: skip
 _REBUILD = ("torch._utils", "_rebuild_tensor_v2")
+_PARAMETER = ("torch._utils", "_rebuild_parameter")  # an nn.Parameter: (tensor, requires_grad, hooks)
 _ORDERED_DICT = ("collections", "OrderedDict")
+_SIZE = ("torch", "Size")
+# torch dtype objects pickle as the global `torch.<name>` (HQQ's `compute_dtype`, `unpack_view_dtype`).
+TORCH_DTYPE_NAMES = frozenset(
+    {"float16", "bfloat16", "float32", "float64", "uint8", "int8", "int16", "int32", "int64", "bool"}
+)
+
+
+@dataclass(frozen=True)
+class TorchSize:
+    """A pickled `torch.Size` (HQQ's `shape`)."""
+
+    dims: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TorchDtype:
+    """A pickled torch dtype object, by its attribute name (`float16` for `torch.float16`)."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """For a writer: a module entry that is the file's tensor `name` (flat `module.key`), as an nn.Parameter or a
+    plain tensor. Two entries naming one tensor share its storage (a tied weight)."""
+
+    name: str
+    parameter: bool = False
 
 
 @dataclass(frozen=True)
@@ -102,7 +136,9 @@ class _Mark:
 
 
 def _allowed_global(module: str, name: str) -> bool:
-    return (module, name) in (_REBUILD, _ORDERED_DICT) or (module == "torch" and name in DTYPE_OF_STORAGE)
+    if (module, name) in (_REBUILD, _PARAMETER, _ORDERED_DICT, _SIZE):
+        return True
+    return module == "torch" and (name in DTYPE_OF_STORAGE or name in TORCH_DTYPE_NAMES)
 
 
 def walk_state_dict_pickle(raw: bytes, label: str) -> dict[str, _Tensor]:
@@ -110,6 +146,39 @@ def walk_state_dict_pickle(raw: bytes, label: str) -> dict[str, _Tensor]:
 
     Only the opcodes and globals a dict of tensors needs are allowed (a module's `_metadata`, set by BUILD, is
     read and ignored); anything else is refused naming the opcode or the global."""
+    result = _walk_pickle(raw, label)
+    if not isinstance(result, dict) or not all(isinstance(v, _Tensor) for v in result.values()):
+        raise ContainerError(f"{label}: the pickle is not a dict of tensors")
+    return result
+
+
+def _metadata_value(value, where: str):
+    """A module-dict entry that is not a tensor: only the plain values HQQ's metadata uses."""
+    if isinstance(value, _Global) and value.module == "torch" and value.name in TORCH_DTYPE_NAMES:
+        return TorchDtype(value.name)
+    if value is None or isinstance(value, (bool, int, str, TorchSize)):
+        return value
+    raise ContainerError(f"{where} is a {type(value).__name__}, not a tensor or plain metadata")
+
+
+def _is_module_dict(result) -> bool:
+    return isinstance(result, dict) and bool(result) and all(isinstance(v, dict) for v in result.values())
+
+
+def _module_dict(result, label: str) -> dict[str, dict[str, object]]:
+    if not _is_module_dict(result):
+        raise ContainerError(f"{label}: the pickle is not a dict of module state dicts")
+    modules = {}
+    for module, state in result.items():
+        modules[module] = {
+            key: value if isinstance(value, _Tensor) else _metadata_value(value, f"{label}: {module}.{key}")
+            for key, value in state.items()
+        }
+    return modules
+
+
+def _walk_pickle(raw: bytes, label: str):
+    """Evaluate the pickle's opcodes symbolically under the allow-list; the object it describes."""
     stack: list = []
     memo: dict[int, object] = {}
     result = None
@@ -176,8 +245,6 @@ def walk_state_dict_pickle(raw: bytes, label: str) -> dict[str, _Tensor]:
         raise
     except Exception as error:  # noqa: BLE001 - malformed pickles (stack underflow, bad memo, bad arguments)
         raise ContainerError(f"{label}: not a readable state-dict pickle ({type(error).__name__}: {error})") from error
-    if not isinstance(result, dict) or not all(isinstance(v, _Tensor) for v in result.values()):
-        raise ContainerError(f"{label}: the pickle is not a dict of tensors")
     return result
 
 
@@ -192,6 +259,14 @@ def _pop_to_mark(stack: list) -> list:
 def _reduce(function, arguments, label: str):
     if function == _Global(*_ORDERED_DICT) and arguments == ():
         return {}
+    if function == _Global(*_SIZE) and isinstance(arguments, tuple) and len(arguments) == 1:
+        (dims,) = arguments
+        if isinstance(dims, tuple) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dims):
+            return TorchSize(dims)
+    if function == _Global(*_PARAMETER) and isinstance(arguments, tuple) and len(arguments) == 3:
+        tensor, requires_grad, hooks = arguments
+        if isinstance(tensor, _Tensor) and isinstance(requires_grad, bool) and hooks == {}:
+            return tensor
     if function == _Global(*_REBUILD) and isinstance(arguments, tuple) and len(arguments) in (4, 5, 6):
         persistent, offset, shape, stride = arguments[:4]
         if (
@@ -217,12 +292,8 @@ def _set_item(target, key, value, label: str) -> None:
     target[key] = value
 
 
-def read_container(path: Path) -> dict[str, StoredTensor]:
-    """Tensor name → dtype, shape, absolute byte range; the zip and its pickle checked, nothing unpickled.
-
-    Entries must be stored (uncompressed) under one archive folder, known records only, little-endian; each
-    tensor must be contiguous, start at an element of its storage and end inside it; storages are not shared."""
-    label = str(path)
+def _open_archive(path: Path, label: str) -> tuple[bytes, dict[str, str], dict]:
+    """The zip's checked entries: data.pkl's bytes, storage key → entry name, entry name → (info, data offset)."""
     try:
         with zipfile.ZipFile(path) as archive, open(path, "rb") as handle:
             entries = archive.infolist()
@@ -255,18 +326,31 @@ def read_container(path: Path) -> dict[str, StoredTensor]:
         raise ContainerError(f"{label}: not a torch zip file ({error})") from error
     except OSError as error:
         raise ContainerError(f"{label}: cannot read: {error.strerror}") from error
-    references = walk_state_dict_pickle(raw_pickle, f"{label}: data.pkl")
-    tensors, used = {}, set()
-    for name, tensor in sorted(references.items()):
+    return raw_pickle, storages, data
+
+
+def _resolve(
+    references: dict[str, _Tensor], storages: dict[str, str], data: dict, label: str, aliases_allowed: bool
+) -> tuple[dict[str, StoredTensor], dict[str, str]]:
+    """Each tensor reference checked against its storage record: name → StoredTensor, and (where allowed) the
+    names that are exact aliases of an earlier tensor (same storage, offset, shape, stride: a tied weight)."""
+    tensors: dict[str, StoredTensor] = {}
+    aliases: dict[str, str] = {}
+    owner: dict[str, tuple[str, _Tensor]] = {}  # storage key → first tensor on it
+    for name, tensor in references.items():
         _, storage_type, key, _location, numel = tensor.storage
         dtype = DTYPE_OF_STORAGE.get(storage_type.name)
         if dtype is None:
             raise ContainerError(f"{label}: tensor {name}: storage {storage_type.name} is not supported")
         if str(key) not in storages:
             raise ContainerError(f"{label}: tensor {name}: storage {key} has no data record")
-        if key in used:
+        if key in owner:
+            first, reference = owner[key]
+            if aliases_allowed and reference == tensor:
+                aliases[name] = first
+                continue
             raise ContainerError(f"{label}: tensor {name}: storage {key} is shared with another tensor")
-        used.add(key)
+        owner[key] = (name, tensor)
         info, data_offset = data[storages[str(key)]]
         item = ITEM_SIZES[dtype]
         if info.file_size != numel * item:
@@ -279,6 +363,64 @@ def read_container(path: Path) -> dict[str, StoredTensor]:
             raise ContainerError(f"{label}: tensor {name}: runs past the end of its storage")
         begin = data_offset + tensor.offset * item
         tensors[name] = StoredTensor(name, dtype, tensor.shape, begin, begin + count * item)
+    return tensors, aliases
+
+
+@dataclass(frozen=True)
+class ModuleContainer:
+    """A dict of module state dicts (HQQ's qmodel.pt): tensors by flat name `module.key` (an alias left out),
+    each module's entries (a StoredTensor or plain metadata), and alias name → the tensor it shares."""
+
+    tensors: dict[str, StoredTensor]
+    modules: dict[str, dict[str, object]]
+    aliases: dict[str, str]
+
+
+def read_module_container(path: Path) -> ModuleContainer:
+    """A dict of module state dicts (HQQ's qmodel.pt), the zip and pickle checked, nothing unpickled.
+
+    The zip rules are `read_container`'s; a storage may be shared only by exact aliases (a tied weight)."""
+    label = str(path)
+    raw_pickle, storages, data = _open_archive(path, label)
+    return _module_container(_walk_pickle(raw_pickle, f"{label}: data.pkl"), storages, data, label)
+
+
+def _module_container(result, storages: dict[str, str], data: dict, label: str) -> ModuleContainer:
+    modules = _module_dict(result, f"{label}: data.pkl")
+    references: dict[str, _Tensor] = {}
+    for module, state in modules.items():
+        for key, value in state.items():
+            if isinstance(value, _Tensor):
+                flat = f"{module}.{key}"
+                if flat in references:
+                    raise ContainerError(f"{label}: tensor {flat} appears twice")
+                references[flat] = value
+    tensors, aliases = _resolve(references, storages, data, label, aliases_allowed=True)
+    resolved = {**tensors, **{name: tensors[first] for name, first in aliases.items()}}
+    entries = {
+        module: {
+            key: resolved[f"{module}.{key}"] if isinstance(value, _Tensor) else value for key, value in state.items()
+        }
+        for module, state in modules.items()
+    }
+    return ModuleContainer(tensors, entries, aliases)
+
+
+def read_container(path: Path) -> dict[str, StoredTensor]:
+    """Tensor name → dtype, shape, absolute byte range; the zip and its pickle checked, nothing unpickled.
+
+    Entries must be stored (uncompressed) under one archive folder, known records only, little-endian; each
+    tensor must be contiguous, start at an element of its storage and end inside it; storages are not shared.
+    A dict of module state dicts (HQQ's qmodel.pt) reads as its tensors `module.key`, aliases left out."""
+    label = str(path)
+    raw_pickle, storages, data = _open_archive(path, label)
+    result = _walk_pickle(raw_pickle, f"{label}: data.pkl")
+    if _is_module_dict(result):
+        return _module_container(result, storages, data, label).tensors
+    if not isinstance(result, dict) or not all(isinstance(v, _Tensor) for v in result.values()):
+        raise ContainerError(f"{label}: data.pkl: the pickle is not a dict of tensors")
+    references = result
+    tensors, _ = _resolve(dict(sorted(references.items())), storages, data, label, aliases_allowed=False)
     return tensors
 
 

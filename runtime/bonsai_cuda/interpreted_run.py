@@ -15,6 +15,8 @@ import time
 
 import torch
 
+from .hqq import WEIGHTS_FILE, gemlite_packable, gemlite_state, read_qmodel
+from .hqq import dequantize as hqq_dequantize
 from .interpreter import _state, activate, check_layers, layer_states, one_layer_per_shape
 from .layers import dequantize_state
 from .pipeline import generate, load_pipeline, load_tensors
@@ -24,6 +26,14 @@ def _load_folder(folder) -> dict[str, torch.Tensor]:
     from pathlib import Path
 
     return load_tensors(Path(folder))
+
+
+def _hqq_layers(folder):
+    """The HQQ layers of a text_encoder-hqq-4bit folder, or None for a folder of Gemlite tensors."""
+    from pathlib import Path
+
+    path = Path(folder) / WEIGHTS_FILE
+    return read_qmodel(path)[0] if path.is_file() else None
 
 
 def _reference_weights(states, reference_dir):
@@ -70,10 +80,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     activate()
     if args.command == "layers":
-        states = layer_states(_load_folder(args.folder))
+        hqq_layers = _hqq_layers(args.folder)
+        if hqq_layers is not None:  # an HQQ text encoder: gemlite's own pack() of each layer, against HQQ's decode
+            hqq_layers = {name: layer for name, layer in hqq_layers.items() if gemlite_packable(layer)}
+            states = {name: gemlite_state(layer) for name, layer in hqq_layers.items()}
+        else:
+            states = layer_states(_load_folder(args.folder))
         if args.layers == "one-per-shape":
             states = one_layer_per_shape(states)
-        weights = _reference_weights(states, args.reference)
+        if hqq_layers is not None:
+            weights = {name: hqq_dequantize(hqq_layers[name]).float() for name in states}
+        else:
+            weights = _reference_weights(states, args.reference)
         rows = tuple(int(v) for v in args.rows.split(","))
         results = check_layers(states, weights, rows, args.every_kernel, args.every_kernel_max_weights)
         with open(args.json, "w") as handle:

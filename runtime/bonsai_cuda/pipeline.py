@@ -1,7 +1,8 @@
 """Load a CUDA (Gemlite) bundle into diffusers' Flux2KleinPipeline and generate from the shared numpy noise.
 
 Bundle layout: formats/bundle.md; low-bit linears: formats/gemlite.md. Everything is read from safetensors or, for
-the transformer, Gemlite's released `state_dict.pt`, read without unpickling (bonsai_common.torch_zip). The
+the transformer, Gemlite's released `state_dict.pt` and, for the text encoder, HQQ's `qmodel.pt` (formats/hqq.md),
+both read without unpickling (bonsai_common.torch_zip). The
 converter package is not imported here: a runtime needs only torch, diffusers, transformers, safetensors and, on a
 GPU, gemlite.
 """
@@ -18,6 +19,7 @@ import torch
 from bonsai_common.gemlite_keys import LAYER_KEYS
 from torch import nn
 
+from . import hqq
 from .layers import LayoutError, build_linear, gemlite_available
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -197,7 +199,12 @@ def load_pipeline(
     transformer_folder = root / folders["transformer"]
     transformer = load_component(Flux2Transformer2DModel, transformer_folder, backend, device, dtype)
     te_folder = root / folders["text_encoder"]
-    if low_bit_prefixes_in(te_folder):
+    if (te_folder / hqq.WEIGHTS_FILE).is_file():  # text_encoder-hqq-4bit/ (formats/hqq.md)
+        try:
+            text_encoder = hqq.load_text_encoder(te_folder, text_encoder_backend or backend, device, dtype)
+        except hqq.HqqError as error:
+            raise BundleError(str(error)) from error
+    elif low_bit_prefixes_in(te_folder):
         text_backend = text_encoder_backend or backend
         text_encoder = load_component(Qwen3ForCausalLM, te_folder, text_backend, device, dtype)
     else:
