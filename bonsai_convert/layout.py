@@ -205,7 +205,7 @@ def text_encoder_layout(
     if target.text_encoder_container == "torch-zip":  # one qmodel.pt, no index (HQQ)
         modules = target.text_encoder_modules(tensors, config or {})
         ordered = sorted(planned, key=lambda p: p.spec.name)
-        shard_file = ShardFile(f"{folder}/{target.text_encoder_file}", ordered, {}, "torch-zip", modules)
+        shard_file = ShardFile(f"{folder}/{target.text_encoder_file}", ordered, {}, "torch-zip", modules=modules)
         return ComponentLayout("text_encoder", [shard_file], None, _outputs_of(planned))
     metadata = {"format": target.safetensors_format}
     return component_files("text_encoder", folder, planned, metadata, shard_bytes, target.text_encoder_file)
