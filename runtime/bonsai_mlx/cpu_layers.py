@@ -2,9 +2,9 @@
 
 MLX's CPU `quantized_matmul` is a scalar loop (~1.5 s for a 1152×3840×640 product at any bit width, measured
 with mlx 0.32.4) while `mx.dequantize` of the layer followed by a BLAS matmul takes ~40 ms. The weights are the
-same: the dequantized matrix is exactly scale·q + bias of every element (binary ±s, ternary −s/0/+s); only the fp32 summation order of
-the product differs (as between any two BLAS kernels). 1- and 2-bit layers are unpacked with MLX ops fused by
-`mx.compile` (`unpack_affine`, bit-identical to `mx.dequantize` and ~3× faster on the CPU).
+same: the dequantized matrix is exactly scale·q + bias of every element (binary ±s, ternary −s/0/+s); only the
+fp32 summation order of the product differs (as between any two BLAS kernels). 1- and 2-bit layers are unpacked
+with MLX ops fused by `mx.compile` (`unpack_affine`, bit-identical to `mx.dequantize` and ~3× faster on the CPU).
 
 Every product runs in float32 whatever the compute dtype: MLX's CPU float16 / bfloat16 matmul is its own SIMD loop,
 not the BLAS (a 1152×640 by 640×5760 product: 2.1 s in fp16, 1.6 s in bf16, 0.04 s as sgemm on this 2-core
@@ -21,7 +21,7 @@ from collections.abc import Callable
 import mlx.core as mx
 import mlx.nn as nn
 
-from .staging import staged_slices
+from .staging import staged, staged_slices
 
 DENSE_CHUNK_VALUES = 1 << 24  # dequantized (fp32) weight values per matmul: 64 MB
 PRODUCT_DTYPE = mx.float32
@@ -92,11 +92,45 @@ class DequantizedLinear(nn.QuantizedLinear):
         )
 
     def __call__(self, x: mx.array) -> mx.array:
-        in_features = self["scales"].shape[1] * self.group_size
-        out = blocked_product(x, self._dense, self["weight"].shape[0], in_features)
+        cached = getattr(self, "_dense_cache", None)
+        if cached is not None:
+            out = mx.matmul(x.astype(PRODUCT_DTYPE), cached.T).astype(x.dtype)
+        else:
+            in_features = self["scales"].shape[1] * self.group_size
+            out = blocked_product(x, self._dense, self["weight"].shape[0], in_features)
         if "bias" in self:
             out = out + self["bias"]
         return out
+
+    def dense_bytes(self) -> int:
+        """Bytes of this layer's fp32 dequantized weight."""
+        return self["weight"].shape[0] * self["scales"].shape[1] * self.group_size * PRODUCT_DTYPE.size
+
+    def keep_dense(self) -> None:
+        """Dequantize once and keep the fp32 weight (a plain attribute, not a parameter): later calls skip the
+        per-call dequantization. Built block by block; the peak is twice this layer's dense weight while the blocks are
+        joined."""
+        out_features, in_features = self["weight"].shape[0], self["scales"].shape[1] * self.group_size
+        block = max(1, DENSE_CHUNK_VALUES // in_features)
+        dense = staged_slices(self._dense, out_features, block, axis=0)
+        object.__setattr__(self, "_dense_cache", staged(dense))
+
+
+def keep_dense_weights(model: nn.Module, budget_bytes: int) -> int:
+    """Keep the fp32 dequantized weights of `model`'s DequantizedLinear layers (in `named_modules` order) while
+    their total stays within `budget_bytes` (the packed codes stay too); returns the bytes kept.
+
+    Trades memory for time on the CPU: unpacking costs ~1.2 ns per weight per call on one core (a Klein-width
+    step at 256² spends ~14 % of its time there), while the kept weights cost 4 bytes per weight for as long as the
+    model lives — what a dense fp32 model (diffusers' CPU reference) holds for the same layers."""
+    kept = 0
+    for _, module in model.named_modules():
+        if isinstance(module, DequantizedLinear) and getattr(module, "_dense_cache", None) is None:
+            if kept + module.dense_bytes() > budget_bytes:
+                continue
+            module.keep_dense()
+            kept += module.dense_bytes()
+    return kept
 
 
 class WideLinear(nn.Linear):
