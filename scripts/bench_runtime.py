@@ -16,7 +16,8 @@ is given) through `bonsai_mlx` (OpenBLAS + dequantize/matmul on the CPU device, 
 side runs `Flux2KleinPipeline` on the source's weights (bonsai_convert.reference) — the golden-record reference.
 Both start from the same numpy noise, in the same dtype, each in its own process (so neither library's threads
 or BLAS affect the other; peak RSS per side). Per-step time is the transformer forward + scheduler step; the
-median over the steps after the first is reported (the first includes lazy-evaluation and allocation warm-up).
+median over the steps after the first is reported (the first includes lazy-evaluation and allocation warm-up),
+with the process CPU seconds of the same steps (all threads; steadier than wall time on a shared machine).
 `--dense-cache-gb` lets the MLX side keep that much fp32 dequantized weight across steps (load_pipeline's
 dense_cache_bytes; diffusers holds every weight dense). Not a test.
 """
@@ -52,9 +53,13 @@ def mlx_side(
     )
     embeds, _ = pipeline.encode_prompt(PROMPT)
     encoded = time.perf_counter()
-    _, seconds = pipeline.denoise(embeds, initial_noise(0, size, size), steps)
+    cpu_marks = [time.process_time()]
+    _, seconds = pipeline.denoise(
+        embeds, initial_noise(0, size, size), steps, on_step=lambda *_: cpu_marks.append(time.process_time())
+    )
     return {
         "step_seconds": seconds,
+        "step_cpu_seconds": [b - a for a, b in zip(cpu_marks, cpu_marks[1:], strict=False)],
         "load_and_encode_seconds": encoded - start,
         "blas": blas.loaded_blas(),
         "freed_memory_kept": allocator.freed_memory_kept(),
@@ -73,12 +78,16 @@ def diffusers_side(source: str, size: int, steps: int, dtype: str, max_sequence_
     start = time.perf_counter()
     pipe = reference_pipeline(opened, getattr(torch, dtype))
     pipe.set_progress_bar_config(disable=True)
-    marks: list[float] = []
+    marks: list[tuple[float, float]] = []
     seconds: list[float] = []
-    hook = pipe.transformer.register_forward_pre_hook(lambda *_: marks.append(time.perf_counter()))
+    cpu_seconds: list[float] = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda *_: marks.append((time.perf_counter(), time.process_time()))
+    )
 
     def on_step(_pipe, _step, _timestep, kwargs):
-        seconds.append(time.perf_counter() - marks[-1])
+        seconds.append(time.perf_counter() - marks[-1][0])
+        cpu_seconds.append(time.process_time() - marks[-1][1])
         return kwargs
 
     noise = initial_noise(0, size, size)
@@ -98,7 +107,8 @@ def diffusers_side(source: str, size: int, steps: int, dtype: str, max_sequence_
     hook.remove()
     return {
         "step_seconds": seconds,
-        "load_and_encode_seconds": (marks[0] - start) if marks else None,
+        "step_cpu_seconds": cpu_seconds,
+        "load_and_encode_seconds": (marks[0][0] - start) if marks else None,
         "torch_threads": torch.get_num_threads(),
     }
 
@@ -122,6 +132,8 @@ def run_side(args: argparse.Namespace, side: str, source: str, bundle: Path, siz
     result["peak_rss_bytes"] = usage.ru_maxrss * 1024
     later = result["step_seconds"][1:] or result["step_seconds"]
     result["median_step_seconds"] = statistics.median(later)
+    later_cpu = result["step_cpu_seconds"][1:] or result["step_cpu_seconds"]
+    result["median_step_cpu_seconds"] = statistics.median(later_cpu)
     return result
 
 
@@ -167,9 +179,10 @@ def run_case(args: argparse.Namespace, name: str, size: int, dtype: str, bundles
     diffusers = run_side(args, "diffusers", source, bundle, size, dtype)
     mlx = run_side(args, "mlx", source, bundle, size, dtype)
     ratio = mlx["median_step_seconds"] / diffusers["median_step_seconds"]
+    cpu_ratio = mlx["median_step_cpu_seconds"] / diffusers["median_step_cpu_seconds"]
     print(
         f"{name:>8} {size:>5}² {dtype:>9}  diffusers {diffusers['median_step_seconds']:8.3f} s  "
-        f"mlx {mlx['median_step_seconds']:8.3f} s  ratio {ratio:5.2f}x  peak RSS "
+        f"mlx {mlx['median_step_seconds']:8.3f} s  ratio {ratio:5.2f}x (CPU time {cpu_ratio:4.2f}x)  peak RSS "
         f"{diffusers['peak_rss_bytes'] / 1e9:.2f} / {mlx['peak_rss_bytes'] / 1e9:.2f} GB",
         flush=True,
     )
@@ -181,6 +194,7 @@ def run_case(args: argparse.Namespace, name: str, size: int, dtype: str, bundles
         "mlx": mlx,
         "diffusers": diffusers,
         "ratio_mlx_over_diffusers": round(ratio, 3),
+        "cpu_time_ratio_mlx_over_diffusers": round(cpu_ratio, 3),
     }
 
 
