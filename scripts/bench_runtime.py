@@ -211,7 +211,7 @@ def main() -> int:
     )
     parser.add_argument("--workdir", type=Path, default=Path("bench-work"))
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--dense-cache-gb", type=float, default=0.0, help="MLX: fp32 dequantized weights kept (GB)")
+    parser.add_argument("--dense-cache-gb", type=float, default=4.0, help="MLX: fp32 dequantized weights kept (GB)")
     parser.add_argument("--max-sequence-length", type=int, default=None)
     parser.add_argument("--json", type=Path, default=Path("bench-runtime.json"))
     parser.add_argument("--side", choices=["mlx", "diffusers"], help=argparse.SUPPRESS)
@@ -234,25 +234,24 @@ def main() -> int:
         dtypes = args.dtypes.split(",") if args.dtype is None else [args.dtype]
     args.workdir.mkdir(parents=True, exist_ok=True)
     bundles: dict[str, Path] = {}
-    results = [run_case(args, name, size, dtype, bundles) for name, size in cases for dtype in dtypes]
     report = {
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "steps": args.steps,
         "dense_cache_gb": args.dense_cache_gb,
         "max_sequence_length": args.max_sequence_length,
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "cpus": _cpus(),
-            "load_average_after": os.getloadavg(),
-        },
-        "blas": results[0]["mlx"]["blas"] if results else None,
-        "results": results,
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": _cpus()},
+        "results": [],
     }
+    results = report["results"]
+    for name, size in cases:
+        for dtype in dtypes:
+            results.append(run_case(args, name, size, dtype, bundles))
+            report["blas"] = results[0]["mlx"]["blas"]
+            report["machine"]["load_average_after"] = os.getloadavg()
+            args.json.write_text(json.dumps(report, indent=2) + "\n")  # after every case: a partial run keeps its rows
     print(f"{'case':>8} {'size':>6} {'dtype':>9} {'MLX / diffusers per step':>26}")
     for r in results:
         print(f"{r['case']:>8} {r['size']:>5}² {r['dtype']:>9} {r['ratio_mlx_over_diffusers']:>25.2f}x")
-    args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.json}")
     return 0
 
