@@ -202,3 +202,16 @@ def test_kept_dense_weights_give_the_same_outputs_within_the_budget():
     assert sorted(kept) == [False, True, True]
     for layer, expected in zip(model.layers, per_call, strict=True):
         assert np.array_equal(np.array(layer(x)), expected)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")
+def test_blas_threads_fit_the_free_cores():
+    """fit_blas_threads_to_machine sets OpenBLAS to the cores other processes leave free (at least one)."""
+    if blas.loaded_blas() is None:
+        pytest.skip("no OpenBLAS loaded")
+    cores = len(os.sched_getaffinity(0))
+    count = blas.fit_blas_threads_to_machine()
+    assert count is not None and 1 <= count <= cores
+    assert blas.blas_threads() == count
+    assert blas.others_running() >= 0
+    assert blas.set_blas_threads(cores) and blas.blas_threads() == cores

@@ -17,6 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .blas import fit_blas_threads_to_machine
 from .cpu_layers import keep_dense_weights, use_dense_kernels
 from .cpu_math import attention as softmax_attention
 from .cpu_math import silu, silu_multiply
@@ -359,12 +360,17 @@ class Flux2Transformer(nn.Module):
                 raise ValueError("pass either rope or both img_ids and txt_ids")
             rope = self.rope(txt_ids, img_ids)
 
+        on_cpu = mx.default_device() == mx.cpu
         for block in self.transformer_blocks:  # block by block: bonsai_mlx.staging
+            if on_cpu:  # the BLAS's threads, to the cores free right now (bonsai_mlx.blas)
+                fit_blas_threads_to_machine()
             context, x = block(x, context, mod_img, mod_txt, rope)
             staged(context, x)
         text_len = context.shape[1]
         x = mx.concatenate([context, x], axis=1)
         for block in self.single_transformer_blocks:
+            if on_cpu:
+                fit_blas_threads_to_machine()
             x = staged(block(x, mod_single, rope))
         x = self.norm_out(x[:, text_len:], temb)
         return self.proj_out(x)
