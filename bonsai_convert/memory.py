@@ -92,17 +92,15 @@ def vae_decode_activations(
 
 def cpu_dequantized_bytes(out_features: int, in_features: int, tokens: int, dtype_bytes: int, bits: int = 4) -> int:
     """What one low-bit linear adds on MLX's CPU device (bonsai_mlx.cpu_layers.DequantizedLinear): a block of at
-    most DENSE_CHUNK_VALUES dequantized weights at a time, plus, when the layer ran in blocks, the concatenated
-    output. Per weight of a block (measured): 1-/2-bit layers (unpacked in one fused pass) hold just the dense
-    block (4 bytes in fp32, 2 in fp16/bf16); 4-bit ones (`mx.dequantize`, which peaks at twice its output, and a
-    16-bit product widened to fp32 on top) 8 and 10."""
-    block_rows = max(1, DENSE_CHUNK_VALUES // in_features)
-    if bits in (1, 2):
-        per_value = dtype_bytes
-    else:
-        per_value = 2 * dtype_bytes + (6 if dtype_bytes < 4 else 0)
+    most DENSE_CHUNK_VALUES weights dequantized to fp32 at a time (the product runs in fp32 whatever the compute
+    dtype), plus, when the layer ran in blocks, the concatenated output. Per weight of a block (measured): 1-/2-bit
+    layers (unpacked in one fused pass) hold just the fp32 block, 4 bytes; 4-bit ones (`mx.dequantize`, which peaks
+    at twice its output) 8. A 16-bit compute dtype adds the widened input and one block's fp32 product."""
+    block_rows = min(out_features, max(1, DENSE_CHUNK_VALUES // in_features))
+    per_value = 4 if bits in (1, 2) else 8
+    widened = 4 * tokens * (in_features + block_rows) if dtype_bytes < 4 else 0
     concatenated = tokens * out_features * dtype_bytes if out_features > block_rows else 0
-    return min(out_features, block_rows) * in_features * per_value + concatenated
+    return block_rows * in_features * per_value + widened + concatenated
 
 
 def linear_shapes(tensors: dict | None, is_linear) -> list[tuple[int, int]]:

@@ -43,7 +43,7 @@ def main() -> int:
     parser.add_argument("--bundle", type=Path, default=None)
     parser.add_argument("--target", default="iphone", choices=["iphone", "ipad", "mac"])
     parser.add_argument("--sizes", default="64,128,256")
-    parser.add_argument("--dtype", default="float32", help="MLX compute dtype (fp16 is very slow on MLX's CPU)")
+    parser.add_argument("--dtype", default="float32", help="MLX compute dtype")
     parser.add_argument("--max-sequence-length", type=int, default=None)
     parser.add_argument("--json", type=Path, default=Path("validate-memory.json"))
     parser.add_argument("--measure", type=int, help=argparse.SUPPRESS)

@@ -184,3 +184,34 @@ def test_importing_bonsai_mlx_changes_nothing_in_the_process():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["None", "False", "False", "True"]
+
+
+def test_kept_dense_weights_give_the_same_outputs_within_the_budget():
+    """keep_dense_weights keeps fp32 dequantized weights of whole layers while they fit the budget; the kept
+    layers compute the same values as the per-call dequantization."""
+    from bonsai_mlx.cpu_layers import keep_dense_weights
+
+    layers = [exact_layer(bits, rows=64, cols=256, seed=bits)[0] for bits in (1, 2, 2)]
+    model = nn.Sequential(*layers)
+    assert use_dense_kernels(model, mx.cpu) == 3
+    x = mx.array(np.random.default_rng(2).standard_normal((1, 9, 256), dtype=np.float32))
+    per_call = [np.array(layer(x)) for layer in model.layers]
+    one_layer = 64 * 256 * 4
+    assert keep_dense_weights(model, 2 * one_layer + 100) == 2 * one_layer
+    kept = [getattr(layer, "_dense_cache", None) is not None for layer in model.layers]
+    assert sorted(kept) == [False, True, True]
+    for layer, expected in zip(model.layers, per_call, strict=True):
+        assert np.array_equal(np.array(layer(x)), expected)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")
+def test_blas_threads_fit_the_free_cores():
+    """fit_blas_threads_to_machine sets OpenBLAS to the cores other processes leave free (at least one)."""
+    if blas.loaded_blas() is None:
+        pytest.skip("no OpenBLAS loaded")
+    cores = len(os.sched_getaffinity(0))
+    count = blas.fit_blas_threads_to_machine()
+    assert count is not None and 1 <= count <= cores
+    assert blas.blas_threads() == count
+    assert blas.others_running() >= 0
+    assert blas.set_blas_threads(cores) and blas.blas_threads() == cores

@@ -207,13 +207,17 @@ def load_pipeline(
     text_encoder_dtype: str | None = None,
     max_sequence_length: int | None = None,
     vae_dtype: str | None = None,
+    dense_cache_bytes: int = 0,
 ) -> MLXPipeline:
     """Load a bundle (formats/bundle.md).
 
     `dtype` ("float32" / "float16", default pipeline.json's compute_dtype) is the transformer's compute dtype.
     The text encoder and the VAE run in float32 when dtype is float32, else in bfloat16 unless told otherwise
     (Qwen3's residual stream and VAE decoder activations can overflow fp16). `max_sequence_length` overrides
-    pipeline.json's 512 (as diffusers' argument of that name does; tests use it to stay fast on CPU)."""
+    pipeline.json's 512 (as diffusers' argument of that name does; tests use it to stay fast on CPU).
+    `dense_cache_bytes` (CPU device only; default 0: none) keeps up to that many bytes of the transformer's low-bit
+    weights dequantized to fp32 across steps (bonsai_mlx.cpu_layers.keep_dense_weights): faster steps, more memory
+    than formats/memory.md models."""
     bundle_dir = Path(bundle_dir)
     settings = read_json(bundle_dir / "pipeline.json")
     if max_sequence_length is not None:
@@ -227,7 +231,7 @@ def load_pipeline(
         raise BundleError(f"{transformer_dir / 'config.json'}: missing")
 
     def transformer() -> Flux2Transformer:  # loaded on first use: after the prompt is encoded (class docstring)
-        return load_transformer(transformer_dir, compute)
+        return load_transformer(transformer_dir, compute, dense_cache_bytes)
 
     if settings.get("transformer_only"):
         return MLXPipeline(bundle_dir, settings, transformer, None, None, {}, compute, te_dtype, decoder_dtype)

@@ -17,7 +17,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .cpu_layers import use_dense_kernels
+from .blas import fit_blas_threads_to_machine
+from .cpu_layers import keep_dense_weights, use_dense_kernels
 from .cpu_math import attention as softmax_attention
 from .cpu_math import silu, silu_multiply
 from .loading import apply_quantization, load_into, load_weights, read_json, to_dtype
@@ -359,19 +360,29 @@ class Flux2Transformer(nn.Module):
                 raise ValueError("pass either rope or both img_ids and txt_ids")
             rope = self.rope(txt_ids, img_ids)
 
+        on_cpu = mx.default_device() == mx.cpu
         for block in self.transformer_blocks:  # block by block: bonsai_mlx.staging
+            if on_cpu:  # the BLAS's threads, to the cores free right now (bonsai_mlx.blas)
+                fit_blas_threads_to_machine()
             context, x = block(x, context, mod_img, mod_txt, rope)
             staged(context, x)
         text_len = context.shape[1]
         x = mx.concatenate([context, x], axis=1)
         for block in self.single_transformer_blocks:
+            if on_cpu:
+                fit_blas_threads_to_machine()
             x = staged(block(x, mod_single, rope))
         x = self.norm_out(x[:, text_len:], temb)
         return self.proj_out(x)
 
 
-def load_transformer(directory: str | Path, dtype: str | mx.Dtype = "float16") -> Flux2Transformer:
-    """Build the transformer from a bundle's `transformer/` folder (config.json + safetensors)."""
+def load_transformer(
+    directory: str | Path, dtype: str | mx.Dtype = "float16", dense_cache_bytes: int = 0
+) -> Flux2Transformer:
+    """Build the transformer from a bundle's `transformer/` folder (config.json + safetensors).
+
+    On the CPU device, `dense_cache_bytes` > 0 keeps up to that many bytes of fp32 dequantized low-bit weights
+    (bonsai_mlx.cpu_layers.keep_dense_weights) instead of dequantizing them at every step."""
     directory = Path(directory)
     config = read_json(directory / "config.json")
     weights = load_weights(directory)
@@ -379,4 +390,6 @@ def load_transformer(directory: str | Path, dtype: str | mx.Dtype = "float16") -
     apply_quantization(model, config.get("quantization"), weights)
     load_into(model, weights, to_dtype(dtype), directory)
     use_dense_kernels(model)
+    if dense_cache_bytes > 0:
+        keep_dense_weights(model, dense_cache_bytes)
     return model
