@@ -272,6 +272,10 @@ def test_text_encoder_from_stored_patterns_equals_the_widened_path(trial, stored
         warnings.simplefilter("ignore")
         plain = outcome(lambda: target.encode_text_encoder(name, widened))
         fast = outcome(lambda: target.encode_text_encoder_stored(name, bits, stored_dtype))
+    stays_dense = len(target.text_encoder_outputs(name, bits.shape, stored_dtype)) == 1
+    if fast is None and stays_dense:  # not quantized here (HQQ's nibble pairs need an even group count): pack
+        assert isinstance(plain, str) or list(plain) == [name]  # writes it through its dense path instead
+        return
     if fast is None or isinstance(fast, str):
         assert isinstance(plain, str), "the stored path declined a tensor the plain path encodes"
         assert fast is None or fast == plain
