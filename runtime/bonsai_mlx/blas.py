@@ -24,6 +24,7 @@ import os
 import struct
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 PREFIX = b"scipy_"
@@ -202,31 +203,60 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def others_running() -> int:
-    """Threads of other processes running or runnable right now: /proc/loadavg's running count less this
-    process's own running threads (0 where /proc is not available)."""
+MIN_SAMPLE_SECONDS = 0.05  # shorter intervals than this keep the last thread count (5 ticks of USER_HZ=100)
+_usage: dict[str, tuple[float, float, float]] = {}
+
+
+def _busy_and_own_seconds() -> tuple[float, float] | None:
+    """(CPU seconds every core has spent busy since boot, from /proc/stat; this process's CPU seconds, all
+    threads), or None where /proc is not available."""
     try:
-        running = int(Path("/proc/loadavg").read_text().split()[3].split("/")[0])
-        own = 0
-        for task in Path("/proc/self/task").iterdir():
-            state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
-            own += state == "R"
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+        ticks = [int(value) for value in fields[1:9]]  # user nice system idle iowait irq softirq steal
     except (OSError, ValueError, IndexError):
-        return 0
-    return max(0, running - own)
+        return None
+    busy = sum(ticks) - ticks[3] - ticks[4]
+    return busy / os.sysconf("SC_CLK_TCK"), time.process_time()
+
+
+def others_busy_cores() -> float | None:
+    """Cores' worth of CPU that other processes used since the previous call (busy time of the whole machine less
+    this process's own, over the wall time between the calls); None on the first call, when less than
+    MIN_SAMPLE_SECONDS passed, or without /proc.
+
+    An average over the interval, not an instant: /proc/loadavg's running count less this process's running
+    threads was racy (OpenBLAS's idle workers flip between running and sleeping while they spin), and on an
+    idle 2-core machine it saw a phantom other process before a quarter of a Klein step's blocks, each of which
+    then ran its products on one thread (s02 512² fp32: 15.1 s per step against 11.6 s)."""
+    sample = _busy_and_own_seconds()
+    if sample is None:
+        return None
+    now = time.perf_counter()
+    previous = _usage.get("last")
+    if previous is not None and now - previous[0] < MIN_SAMPLE_SECONDS:
+        return None
+    _usage["last"] = (now, *sample)
+    if previous is None:
+        return None
+    wall, busy, own = now - previous[0], sample[0] - previous[1], sample[1] - previous[2]
+    return max(0.0, (busy - own) / wall)
 
 
 def fit_blas_threads_to_machine() -> int | None:
-    """Use as many BLAS threads as cores are free of other processes' work right now (at least 1).
+    """Use as many BLAS threads as cores are free of other processes' work (at least 1), judged by their CPU
+    use since the previous call (`others_busy_cores`; the count is kept when that cannot be judged).
 
     OpenBLAS's threads wait for each other inside every product; when another process holds one of the cores,
     a 2-thread product waits for its descheduled half. Measured on a 2-core machine under a load of ~10: a
     (3, 1152, 64) × (3, 64, 1152) attention product took 41 ms of CPU with 2 threads against 6.6 ms with 1, a whole
-    attention 0.36 against 0.12 CPU-s, a 1536×3072 × 3072×5461 product 1.04 against 0.88 s. Returns the count set
-    (None: no OpenBLAS loaded, nothing done)."""
+    attention 0.36 against 0.12 CPU-s, a 1536×3072 × 3072×5461 product 1.04 against 0.88 s. Returns the count in
+    effect (None: no OpenBLAS loaded, nothing done)."""
     if _library() is None:
         return None
-    count = max(1, _cores() - others_running())
+    others = others_busy_cores()
+    if others is None:
+        return _threads.get("count") or blas_threads()
+    count = max(1, _cores() - round(others))
     if count != _threads.get("count") and not set_blas_threads(count):
         return None
     return count
