@@ -13,7 +13,7 @@ module writes, once, a copy of that library into a cache folder with the prefix 
 each renamed symbol's name offset moves past the prefix inside the same string, and the GNU hash table is
 rebuilt in place as one bucket (lookups in this library scan its ~5k names once at load: negligible).
 
-Loading happens when `bonsai_mlx` is imported; `BONSAI_MLX_BLAS=0` turns it off, `BONSAI_MLX_BLAS=/path/lib.so`
+Loading happens in `bonsai_mlx.enable_cpu_speedups()`; `BONSAI_MLX_BLAS=0` turns it off, `BONSAI_MLX_BLAS=/path/lib.so`
 loads that library instead (it must export `cblas_sgemm`). On macOS nothing is done (Accelerate / Metal).
 """
 
@@ -31,6 +31,12 @@ PREFIX = b"scipy_"
 SHT_DYNSYM = 11
 SHT_GNU_HASH = 0x6FFFFFF6
 REWRITE_VERSION = 1
+# OpenBLAS's idle workers spin 2^n cycles after each product before they sleep (n = 28 by default: ~80 ms here).
+# The spinning worker holds a core that bonsai_mlx.cpu_math's numpy / single-threaded tasks then share with it:
+# the demo's 512² fp32 step took 0.39 s with the default and 0.32–0.33 s with n = 4, 12 or 20 (Klein-width s02
+# 256² fp32: 5.54 against 5.43–5.59 s, the wake-ups after each product costing nothing visible). A value already
+# in the environment is kept.
+THREAD_TIMEOUT = "12"
 
 _loaded: dict[str, str | None] = {}
 _handles: dict[str, ctypes.CDLL] = {}
@@ -159,6 +165,7 @@ def load_fast_blas() -> str | None:
             if source is None:
                 return None
             path = _unprefixed_copy(source)
+        os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", THREAD_TIMEOUT)  # read once, when the library starts
         library = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
         library.cblas_sgemm  # noqa: B018 - raises AttributeError when the symbol is not exported
     except (OSError, ValueError, AttributeError):
@@ -199,7 +206,8 @@ def set_blas_threads(count: int) -> bool:
     return True
 
 
-def _cores() -> int:
+def cpu_cores() -> int:
+    """The cores this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
@@ -256,7 +264,7 @@ def fit_blas_threads_to_machine() -> int | None:
     others = others_busy_cores()
     if others is None:
         return _threads.get("count") or blas_threads()
-    count = max(1, _cores() - round(others))
+    count = max(1, cpu_cores() - round(others))
     if count != _threads.get("count") and not set_blas_threads(count):
         return None
     return count

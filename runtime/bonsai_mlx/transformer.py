@@ -98,6 +98,18 @@ def layer_norm(x: mx.array, eps: float) -> mx.array:
     return mx.fast.layer_norm(x, None, None, eps)
 
 
+@mx.compile
+def modulate(normed: mx.array, scale: mx.array, shift: mx.array) -> mx.array:
+    """(1 + scale)·normed + shift, fused into one pass by mx.compile (the same float ops, in the same order)."""
+    return (1 + scale) * normed + shift
+
+
+@mx.compile
+def gated_add(x: mx.array, gate: mx.array, y: mx.array) -> mx.array:
+    """x + gate·y (a gated residual), fused into one pass."""
+    return x + gate * y
+
+
 def attention(q: mx.array, k: mx.array, v: mx.array) -> mx.array:
     """Full (unmasked) softmax attention on (B, H, S, D), scale 1/sqrt(D), returned as (B, S, H·D)."""
     out = softmax_attention(q, k, v, scale=q.shape[-1] ** -0.5)
@@ -259,13 +271,15 @@ class TransformerBlock(nn.Module):
         (shift_msa, scale_msa, gate_msa), (shift_mlp, scale_mlp, gate_mlp) = mod_img
         (c_shift_msa, c_scale_msa, c_gate_msa), (c_shift_mlp, c_scale_mlp, c_gate_mlp) = mod_txt
         eps = self.eps
-        norm_x = (1 + scale_msa) * layer_norm(x, eps) + shift_msa
-        norm_c = (1 + c_scale_msa) * layer_norm(context, eps) + c_shift_msa
+        norm_x = modulate(layer_norm(x, eps), scale_msa, shift_msa)
+        norm_c = modulate(layer_norm(context, eps), c_scale_msa, c_shift_msa)
         attn_out, context_attn_out = self.attn(norm_x, norm_c, rope)
-        x = x + gate_msa * attn_out
-        x = x + gate_mlp * self.ff(layer_norm(x, eps) * (1 + scale_mlp) + shift_mlp)
-        context = context + c_gate_msa * context_attn_out
-        context = context + c_gate_mlp * self.ff_context(layer_norm(context, eps) * (1 + c_scale_mlp) + c_shift_mlp)
+        x = gated_add(x, gate_msa, attn_out)
+        x = gated_add(x, gate_mlp, self.ff(modulate(layer_norm(x, eps), scale_mlp, shift_mlp)))
+        context = gated_add(context, c_gate_msa, context_attn_out)
+        context = gated_add(
+            context, c_gate_mlp, self.ff_context(modulate(layer_norm(context, eps), c_scale_mlp, c_shift_mlp))
+        )
         return _clip_fp16(context), x
 
 
@@ -281,8 +295,8 @@ class SingleTransformerBlock(nn.Module):
         self, x: mx.array, mod: list[tuple[mx.array, mx.array, mx.array]], rope: tuple[mx.array, mx.array]
     ) -> mx.array:
         shift, scale, gate = mod[0]
-        norm_x = (1 + scale) * layer_norm(x, self.eps) + shift
-        return _clip_fp16(x + gate * self.attn(norm_x, rope))
+        norm_x = modulate(layer_norm(x, self.eps), scale, shift)
+        return _clip_fp16(gated_add(x, gate, self.attn(norm_x, rope)))
 
 
 class AdaLayerNormContinuous(nn.Module):
