@@ -1,7 +1,7 @@
 """Per-step time of the MLX runtime beside diffusers' reference on the same weights, size and machine.
 
     python scripts/bench_runtime.py [--cases demo:512,klein:256,klein:512] [--dtypes float32,bundle]
-        [--klein-source DIR] [--workdir DIR] [--steps 3] [--dense-cache-gb G] [--json PATH]
+        [--klein-source DIR] [--workdir DIR] [--steps 3] [--repeats 1] [--dense-cache-gb G] [--json PATH]
     python scripts/bench_runtime.py --source demo:ternary|PATH [--bundle DIR] --size 512 --dtype float32 ...
 
 A case is SOURCE:SIZE. `demo` is `demo:ternary` (hidden 640, 1 + 2 blocks, 128 prompt tokens); `klein` is the
@@ -18,6 +18,8 @@ Both start from the same numpy noise, in the same dtype, each in its own process
 or BLAS affect the other; peak RSS per side). Per-step time is the transformer forward + scheduler step; the
 median over the steps after the first is reported (the first includes lazy-evaluation and allocation warm-up),
 with the process CPU seconds of the same steps (all threads; steadier than wall time on a shared machine).
+`--repeats N` runs each side N times, alternating, and reports the median of those medians (this machine's
+speed drifts by ±15 % over minutes).
 `--dense-cache-gb` lets the MLX side keep that much fp32 dequantized weight across steps (load_pipeline's
 dense_cache_bytes; diffusers holds every weight dense). Not a test.
 """
@@ -173,11 +175,16 @@ def bundle_dtype(bundle: Path) -> str:
 
 
 def run_case(args: argparse.Namespace, name: str, size: int, dtype: str, bundles: dict[str, Path]) -> dict:
+    """Both sides `--repeats` times, alternating (diffusers, MLX, diffusers, ...), so that a drift of the machine's
+    speed reaches both; each side's figure is the median over its runs of the per-run median step."""
     source = resolve_source(args, name)
     bundle = bundle_for(args, source, bundles)
     dtype = bundle_dtype(bundle) if dtype == "bundle" else dtype
-    diffusers = run_side(args, "diffusers", source, bundle, size, dtype)
-    mlx = run_side(args, "mlx", source, bundle, size, dtype)
+    runs: dict[str, list[dict]] = {"diffusers": [], "mlx": []}
+    for _ in range(args.repeats):
+        for side in runs:
+            runs[side].append(run_side(args, side, source, bundle, size, dtype))
+    diffusers, mlx = (summary(runs[side]) for side in ("diffusers", "mlx"))
     ratio = mlx["median_step_seconds"] / diffusers["median_step_seconds"]
     cpu_ratio = mlx["median_step_cpu_seconds"] / diffusers["median_step_cpu_seconds"]
     print(
@@ -198,6 +205,20 @@ def run_case(args: argparse.Namespace, name: str, size: int, dtype: str, bundles
     }
 
 
+def summary(runs: list[dict]) -> dict:
+    """One side's runs: the first run's fields, medians over the runs, every run's steps kept."""
+    result = dict(runs[0])
+    result["median_step_seconds"] = statistics.median(r["median_step_seconds"] for r in runs)
+    result["median_step_cpu_seconds"] = statistics.median(r["median_step_cpu_seconds"] for r in runs)
+    result["peak_rss_bytes"] = max(r["peak_rss_bytes"] for r in runs)
+    if len(runs) > 1:
+        result["runs"] = [
+            {key: r[key] for key in ("step_seconds", "step_cpu_seconds", "median_step_seconds", "wall_seconds")}
+            for r in runs
+        ]
+    return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default="demo:512,klein:256,klein:512", help="SOURCE:SIZE,... (demo, klein, a path)")
@@ -211,6 +232,7 @@ def main() -> int:
     )
     parser.add_argument("--workdir", type=Path, default=Path("bench-work"))
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=1, help="runs per side, alternating; medians over them")
     parser.add_argument("--dense-cache-gb", type=float, default=4.0, help="MLX: fp32 dequantized weights kept (GB)")
     parser.add_argument("--max-sequence-length", type=int, default=None)
     parser.add_argument("--json", type=Path, default=Path("bench-runtime.json"))
@@ -237,6 +259,7 @@ def main() -> int:
     report = {
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "steps": args.steps,
+        "repeats": args.repeats,
         "dense_cache_gb": args.dense_cache_gb,
         "max_sequence_length": args.max_sequence_length,
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": _cpus()},
