@@ -309,7 +309,7 @@ class AdaLayerNormContinuous(nn.Module):
 
     def __call__(self, x: mx.array, temb: mx.array) -> mx.array:
         scale, shift = mx.split(self.linear(silu(temb).astype(x.dtype)), 2, axis=1)
-        return layer_norm(x, self.eps) * (1 + scale)[:, None, :] + shift[:, None, :]
+        return modulate(layer_norm(x, self.eps), scale[:, None, :], shift[:, None, :])
 
 
 class Flux2Transformer(nn.Module):
