@@ -146,11 +146,85 @@ def test_cpu_silu_and_attention_match_their_definitions(dtype):
     assert np.allclose(np.array(got.astype(mx.float32)), expected, rtol=tolerance, atol=tolerance)
 
 
+def _rms_norm64(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    return x / np.sqrt((x * x).mean(axis=-1, keepdims=True) + eps) * weight
+
+
+def _rope64(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """diffusers apply_rotary_emb (use_real, unbind -1): interleaved pairs (x0, x1) → (−x1, x0) for the sin term."""
+    rotated = np.stack([-x[..., 1::2], x[..., 0::2]], axis=-1).reshape(x.shape)
+    return x * cos + rotated * sin
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_cpu_rope_attention_and_layer_norm_modulate_match_their_definitions(dtype):
+    """Flux2's joint attention (text part then image part, each with its own q/k RMSNorm weight; RoPE; softmax)
+    and the modulated LayerNorm, computed by numpy on the CPU, against float64 numpy written from diffusers'
+    definitions."""
+    from bonsai_mlx import cpu_math
+
+    rng = np.random.default_rng(2)
+    batch, text, image, heads, dim, eps = 2, 5, 27, 3, 16, 1e-6
+    as_mx = lambda a: mx.array(a.astype(np.float32)).astype(getattr(mx, dtype))  # noqa: E731
+    as64 = lambda a: np.array(a.astype(mx.float32), dtype=np.float64)  # noqa: E731
+    parts = {
+        name: as_mx(rng.normal(size=(batch, n, heads, dim)))
+        for name, n in [("cq", text), ("q", image), ("ck", text), ("k", image), ("cv", text), ("v", image)]
+    }
+    weights = {name: as_mx(rng.uniform(0.5, 1.5, size=dim)) for name in ("cq", "q", "ck", "k")}
+    angles = rng.uniform(-3, 3, size=(text + image, dim // 2))
+    cos, sin = (np.repeat(f(angles), 2, axis=1) for f in (np.cos, np.sin))
+    got = cpu_math.rope_attention(
+        [(parts["cq"], weights["cq"]), (parts["q"], weights["q"])],
+        [(parts["ck"], weights["ck"]), (parts["k"], weights["k"])],
+        [parts["cv"], parts["v"]],
+        (mx.array(cos.astype(np.float32)), mx.array(sin.astype(np.float32))),
+        eps,
+    )
+    assert got.dtype == getattr(mx, dtype) and got.shape == (batch, text + image, heads * dim)
+
+    def joined(a: str, b: str, norm: bool) -> np.ndarray:
+        x, y = as64(parts[a]), as64(parts[b])
+        if norm:
+            x, y = _rms_norm64(x, as64(weights[a]), eps), _rms_norm64(y, as64(weights[b]), eps)
+        return np.concatenate([x, y], axis=1).transpose(0, 2, 1, 3)  # (B, H, S, D)
+
+    q, k = _rope64(joined("cq", "q", True), cos, sin), _rope64(joined("ck", "k", True), cos, sin)
+    scores = q @ k.swapaxes(-1, -2) / np.sqrt(dim)
+    probabilities = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    probabilities /= probabilities.sum(axis=-1, keepdims=True)
+    expected = (probabilities @ joined("cv", "v", False)).transpose(0, 2, 1, 3).reshape(got.shape)
+    tolerance = 1e-5 if dtype == "float32" else 4e-3
+    assert np.allclose(as64(got), expected, rtol=tolerance, atol=tolerance)
+
+    x, scale, shift = (as_mx(rng.normal(size=shape) * 3) for shape in [(batch, 40, 24), (batch, 1, 24), (batch, 1, 24)])
+    x64 = as64(x)
+    normed = (x64 - x64.mean(axis=-1, keepdims=True)) / np.sqrt(x64.var(axis=-1, keepdims=True) + eps)
+    modulated = cpu_math.layer_norm_modulate(x, scale, shift, eps)
+    assert modulated.dtype == getattr(mx, dtype)
+    expected = (1 + as64(scale)) * normed + as64(shift)
+    assert np.allclose(as64(modulated), expected, rtol=tolerance, atol=10 * tolerance)
+
+
+def test_sgemm_on_strided_views_matches_numpy():
+    """blas.sgemm (cblas_sgemm through ctypes) on a head's strided slice of a (S, H, D) array, into strided
+    columns of an output, with alpha and a transposed operand; numpy does the same where the layout does not fit."""
+    rng = np.random.default_rng(3)
+    packed = rng.normal(size=(50, 4, 8)).astype(np.float32)
+    a, b = packed[:, 1], packed[:, 2]  # (50, 8) views, row stride 32 values
+    out = np.zeros((50, 3, 50), dtype=np.float32)
+    blas.sgemm(a, b, out[:, 1], alpha=0.5, transpose_b=True)
+    assert np.allclose(out[:, 1], 0.5 * a @ b.T, rtol=1e-5, atol=1e-5) and not out[:, [0, 2]].any()
+    square = np.zeros((8, 8), dtype=np.float32)
+    blas.sgemm(a.T, b, square)  # a.T has adjacent rows, not adjacent columns: numpy's product
+    assert np.allclose(square, a.T @ b, rtol=1e-5, atol=1e-4)
+
+
 def test_cpu_silu_and_attention_in_pieces_are_bit_identical_and_bounded(monkeypatch):
-    """In pieces of rows (silu) and slices of heads (attention) far smaller than the inputs, the values are the
-    whole-array ones bit for bit (every value depends on its own row / head only), and nothing input-sized is
-    allocated besides the output: numpy holds one float32 output (tracemalloc sees numpy's buffers), MLX one copy
-    of it; attention's scores exist one slice of heads at a time."""
+    """In pieces of rows (silu) and blocks of query rows (attention) far smaller than the inputs, the values are
+    the whole-array ones bit for bit (every value depends on its own row only), and nothing input-sized is
+    allocated besides the output: MLX holds the output (numpy writes into it), numpy one piece per worker
+    (tracemalloc sees numpy's buffers); attention's scores exist one block of query rows per worker at a time."""
     import tracemalloc
 
     from bonsai_mlx import cpu_math
@@ -162,20 +236,24 @@ def test_cpu_silu_and_attention_in_pieces_are_bit_identical_and_bounded(monkeypa
     whole = [cpu_math.silu(gate), cpu_math.silu_multiply(gate, up), cpu_math.attention(q, k, v, 0.2)]
     mx.eval(*whole)
     monkeypatch.setattr(cpu_math, "ROW_CHUNK_VALUES", 4096)
-    monkeypatch.setattr(cpu_math, "CHUNK_VALUES", 256 * 256)  # one head's scores per slice
+    monkeypatch.setattr(cpu_math, "QUERY_BLOCK", 16)
     base = mx.get_active_memory()
     mx.reset_peak_memory()
     tracemalloc.start()
     sliced = staged(cpu_math.silu_multiply(gate, up))
     numpy_peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    assert numpy_peak < 1.05 * sliced.nbytes
+    assert numpy_peak < 0.05 * sliced.nbytes
     assert mx.get_peak_memory() - base < 1.1 * sliced.nbytes
     base = mx.get_active_memory()
     mx.reset_peak_memory()
+    tracemalloc.start()
     attended = staged(cpu_math.attention(q, k, v, 0.2))
-    all_scores_bytes = 8 * 256 * 256 * 4
-    assert mx.get_peak_memory() - base < 2 * attended.nbytes + all_scores_bytes / 4
+    numpy_peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    block_scores_bytes = 16 * 256 * 4
+    assert numpy_peak < 2 * block_scores_bytes + 64 * 1024
+    assert mx.get_peak_memory() - base < 1.1 * attended.nbytes
     sliced = [cpu_math.silu(gate), sliced, attended]
     for a, b in zip(whole, sliced, strict=True):
         assert np.array_equal(np.array(a), np.array(b))

@@ -26,6 +26,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 PREFIX = b"scipy_"
 SHT_DYNSYM = 11
@@ -41,6 +44,7 @@ THREAD_TIMEOUT = "12"
 _loaded: dict[str, str | None] = {}
 _handles: dict[str, ctypes.CDLL] = {}
 _threads: dict[str, int] = {}
+_functions: dict[str, Any] = {}
 
 
 def gnu_hash(name: bytes) -> int:
@@ -204,6 +208,55 @@ def set_blas_threads(count: int) -> bool:
     library.openblas_set_num_threads(ctypes.c_int(max(1, count)))
     _threads["count"] = max(1, count)
     return True
+
+
+CBLAS_ROW_MAJOR, CBLAS_NO_TRANS, CBLAS_TRANS = 101, 111, 112
+
+
+def _cblas_sgemm() -> Any:
+    library = _library()
+    if library is None:
+        return None
+    if "sgemm" not in _functions:
+        function = library.cblas_sgemm
+        pointer, integer = ctypes.c_void_p, ctypes.c_int
+        function.argtypes = [integer] * 6 + [ctypes.c_float, pointer, integer, pointer, integer]
+        function.argtypes += [ctypes.c_float, pointer, integer]
+        function.restype = None
+        _functions["sgemm"] = function
+    return _functions["sgemm"]
+
+
+def _blas_layout(x: np.ndarray) -> bool:
+    """Rows evenly strided, at least a row apart, columns adjacent, float32."""
+    return x.dtype == np.float32 and x.strides[1] == 4 and x.strides[0] % 4 == 0 and x.strides[0] >= 4 * x.shape[1]
+
+
+def sgemm(a: np.ndarray, b: np.ndarray, out: np.ndarray, alpha: float = 1.0, transpose_b: bool = False) -> None:
+    """out = alpha · a @ (bᵀ if transpose_b else b) for 2-D float32 numpy arrays whose rows are evenly strided and
+    whose columns are adjacent (any row stride: a head's slice of a (S, H, D) array), by the loaded BLAS's
+    cblas_sgemm (ctypes releases the GIL for the call), or by numpy without one."""
+    function = _cblas_sgemm()
+    if function is None or not all(_blas_layout(x) for x in (a, b, out)):
+        out[...] = np.float32(alpha) * (a @ (b.T if transpose_b else b))
+        return
+    rows, inner = a.shape
+    function(
+        CBLAS_ROW_MAJOR,
+        CBLAS_NO_TRANS,
+        CBLAS_TRANS if transpose_b else CBLAS_NO_TRANS,
+        rows,
+        out.shape[1],
+        inner,
+        alpha,
+        a.ctypes.data,
+        a.strides[0] // 4,
+        b.ctypes.data,
+        b.strides[0] // 4,
+        0.0,
+        out.ctypes.data,
+        out.strides[0] // 4,
+    )
 
 
 def cpu_cores() -> int:

@@ -1,44 +1,43 @@
-"""SiLU, SwiGLU and softmax attention for MLX's CPU device, their exponentials computed by numpy.
+"""Element-wise work and softmax attention for MLX's CPU device, computed by numpy and the BLAS.
 
 MLX's Linux CPU build computes `mx.exp` one value at a time (16–25 ns per value; `mx.sigmoid`, `mx.tanh`,
-`mx.softmax` alike), and the kernels `mx.compile` generates there are scalar loops (`g++ -O3` without `-march`,
-split at its 11-op fusion depth): a float32 polynomial exp written in MLX ops still took 4.5 ns per value and held
-five input-sized intermediates. numpy's float32 exp is SIMD-dispatched (AVX-512 here): 0.58 ns per value, within
-2.1 × 10⁻⁷ relative of float64 (about 3 ulp), measured on this 2-core x86-64 with numpy 2.4. An evaluated MLX
-array is readable and writable from numpy without a copy (`np.asarray`; MLX documents that writes through such a
-view are what MLX then reads), so on the CPU device:
+`mx.softmax` alike), its other element-wise kernels run on one thread at ~1–4 ns per value, and the kernels
+`mx.compile` generates there are scalar loops (`g++ -O3` without `-march`). numpy's float32 ufuncs are
+SIMD-dispatched (AVX-512 here): exp 0.55 ns per value, within 2.1 × 10⁻⁷ relative of float64 (about 3 ulp),
+subtraction or a row sum by `einsum` 0.1–0.2 ns, measured on this 2-core x86-64 with numpy 2.4. An evaluated MLX
+array is readable and writable from numpy without a copy (`np.asarray`, strided as the array is; MLX documents
+that writes through such a view are what MLX then reads), so on the CPU device:
 
-- `attention` computes each head's q·kᵀ·scale with MLX (a BLAS product), then, in the scores' own buffer,
-  subtracts each row's max and takes the exp with numpy, sums the rows with numpy, and multiplies by v with MLX
-  before dividing by the sums (one division per output value instead of per score). Heads (and, where one head
-  has more than CHUNK_VALUES scores, blocks of its query rows) are tasks for one worker thread per core, each with
-  its own MLX stream and the BLAS on one thread meanwhile: numpy and MLX release the GIL, and two single-threaded
-  products plus the numpy passes keep two cores busier than one two-threaded product followed by one-core numpy
-  (one Klein-width (24, 768, 128) attention: 47–50 ms against 63 ms; the demo's (10, 1152, 64): 26–29 against
-  37–55 ms; torch's fused CPU kernel: 44 and 22 ms). Each worker holds one task's scores at a time.
-- `silu` and `silu_multiply` run numpy's ufuncs over ROW_CHUNK_VALUES-sized pieces of rows (cache-sized, no
-  input-sized temporaries) into one float32 output, the pieces shared among the same workers, which MLX copies
-  once.
+- `attention` and `rope_attention` give each head (and, where heads are fewer than workers, each range of its
+  query rows) to one worker thread per core, with the BLAS on one thread meanwhile. A worker computes
+  QUERY_BLOCK query rows' scores at a time into one reused buffer by `cblas_sgemm` (ctypes; the GIL released),
+  subtracts each row's max and takes the exp in place and sums the rows with numpy, multiplies by v (sgemm again)
+  straight into the head's columns of the output, and divides by the sums (one division per output value).
+  `rope_attention` first applies Flux2's per-head RMSNorm and RoPE to the head's rows in numpy.
+- `silu`, `silu_multiply` and `layer_norm_modulate` run numpy's ufuncs over ROW_CHUNK_VALUES-sized pieces of rows
+  (cache-sized, no input-sized temporaries), the pieces shared among the same workers.
 
-Everything is computed in float32 and returned in the input's dtype. On a GPU these are MLX's own (`nn.silu`,
-`mx.fast.scaled_dot_product_attention`), which are fast there.
+Outputs are MLX arrays allocated by MLX and filled through numpy views (no copy back). Everything is computed in
+float32 and returned in the input's dtype. On a GPU these are MLX's own (`nn.silu`, `mx.fast.rms_norm`,
+`mx.fast.layer_norm`, `mx.fast.scaled_dot_product_attention`), which are fast there.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .blas import blas_threads, cpu_cores, set_blas_threads
+from .blas import blas_threads, cpu_cores, set_blas_threads, sgemm
 from .staging import staged
 
-CHUNK_VALUES = 1 << 22  # attention scores per task at most (16 MB in fp32)
-ROW_CHUNK_VALUES = 1 << 16  # values per numpy piece of silu / silu_multiply (256 KB in fp32: within L2)
+QUERY_BLOCK = 256  # query rows whose attention scores are computed at once (by each worker)
+CHUNK_VALUES = 1 << 22  # attention scores held by a worker at most (16 MB in fp32): fewer rows for long keys
+ROW_CHUNK_VALUES = 1 << 18  # values per numpy piece of the element-wise functions (1 MB in fp32: L2-sized)
 
 
 def on_cpu() -> bool:
@@ -52,7 +51,6 @@ def _float32_view(x: mx.array) -> np.ndarray:
 
 
 _workers: dict[str, ThreadPoolExecutor] = {}
-_worker_stream = threading.local()
 
 
 def _pool() -> ThreadPoolExecutor:
@@ -66,51 +64,81 @@ def _worker_count() -> int:
     return max(1, min(cpu_cores(), blas_threads() or cpu_cores()))
 
 
-def _run_tasks(tasks: Sequence[Callable[[], mx.array | None]]) -> list[mx.array | None]:
+def _run_tasks(tasks: Sequence[Callable[[], Any]]) -> list[Any]:
     """Run the tasks on the worker threads (in order of submission; results in that order), the BLAS on one
-    thread meanwhile. A task that builds MLX ops does so on its worker's own stream and evaluates what it
-    returns: MLX streams belong to the thread that made them."""
+    thread meanwhile. Tasks use numpy and the BLAS only: MLX streams belong to the thread that made them, and a
+    worker cannot evaluate this thread's pending MLX ops (inputs are evaluated before the tasks start)."""
     workers = _worker_count()
     if workers == 1 or len(tasks) == 1:
         return [task() for task in tasks]
     threads = blas_threads()
     set_blas_threads(1)
     try:
-        return list(_pool().map(_on_worker_stream, tasks))
+        return list(_pool().map(lambda task: task(), tasks))
     finally:
         if threads:
             set_blas_threads(threads)
 
 
-def _on_worker_stream(task: Callable[[], mx.array | None]) -> mx.array | None:
-    if not hasattr(_worker_stream, "stream"):
-        _worker_stream.stream = mx.new_stream(mx.cpu)
-    with mx.stream(_worker_stream.stream):
-        return task()
+def _fill_rows(shape: tuple[int, int, int], fill: Callable[[np.ndarray, int, slice], None]) -> mx.array:
+    """An evaluated float32 (B, S, C) MLX array whose rows `fill(piece, b, rows)` writes into piece = out[b, rows]:
+    ROW_CHUNK_VALUES-sized (cache-sized) pieces of each batch's rows, shared among the worker threads."""
+    batch, length, columns = shape
+    result = _float32_zeros(shape)
+    out = np.asarray(result)
+    piece_rows = max(1, ROW_CHUNK_VALUES // max(1, columns))
+    share = max(1, -(-length // _worker_count()))  # rows per worker
+
+    def rows_from(b: int, first: int) -> None:
+        for start in range(first, min(first + share, length), piece_rows):
+            rows = slice(start, min(start + piece_rows, first + share))
+            fill(out[b, rows], b, rows)
+
+    _run_tasks(
+        [lambda b=b, first=first: rows_from(b, first) for b in range(batch) for first in range(0, length, share)]
+    )
+    return result
 
 
 def _silu_rows(gate: mx.array, up: mx.array | None) -> mx.array:
-    """silu(gate) (· up) in float32 by numpy, ROW_CHUNK_VALUES at a time, as an MLX array of gate's dtype."""
+    """silu(gate) (· up) in float32 by numpy, as an MLX array of gate's dtype."""
     g = _float32_view(gate)
     u = None if up is None else _float32_view(up)
-    out = np.empty(g.shape, dtype=np.float32)
-    rows = max(1, ROW_CHUNK_VALUES // max(1, g.shape[1]))
-    share = max(1, -(-g.shape[0] // _worker_count()))  # rows per worker
 
-    def rows_from(first: int) -> None:
+    def fill(piece: np.ndarray, _: int, rows: slice) -> None:
         with np.errstate(over="ignore"):  # exp(−g) = inf for g < −88: g / inf = −0, silu's limit
-            for start in range(first, min(first + share, g.shape[0]), rows):
-                stop = min(start + rows, first + share)
-                piece, g_piece = out[start:stop], g[start:stop]
-                np.negative(g_piece, out=piece)
-                np.exp(piece, out=piece)
-                piece += 1
-                np.divide(g_piece, piece, out=piece)
-                if u is not None:
-                    piece *= u[start:stop]
+            np.negative(g[rows], out=piece)
+            np.exp(piece, out=piece)
+            piece += 1
+            np.divide(g[rows], piece, out=piece)
+            if u is not None:
+                piece *= u[rows]
 
-    _run_tasks([lambda first=first: rows_from(first) for first in range(0, g.shape[0], share)])
-    return mx.array(out).reshape(gate.shape).astype(gate.dtype)
+    return _fill_rows((1, *g.shape), fill).reshape(gate.shape).astype(gate.dtype)
+
+
+@mx.compile
+def _modulate(normed: mx.array, scale: mx.array, shift: mx.array) -> mx.array:
+    return (1 + scale) * normed + shift
+
+
+def layer_norm_modulate(x: mx.array, scale: mx.array, shift: mx.array, eps: float) -> mx.array:
+    """(1 + scale)·LayerNorm(x) + shift, the LayerNorm without affine parameters, for x (B, S, C) and scale, shift
+    (B, 1, C): on the CPU in float32 by numpy (mean, centring, mean square, scaling; in pieces of rows on the
+    workers), elsewhere mx.fast.layer_norm and one fused (mx.compile) pass. Returned in x's dtype."""
+    if not on_cpu():
+        return _modulate(mx.fast.layer_norm(x, None, None, eps), scale, shift)
+    rows = _float32_view(x).reshape(x.shape)
+    factors, offsets = (_float32_view(mx.broadcast_to(a, (x.shape[0], 1, x.shape[2]))) for a in (1 + scale, shift))
+
+    def fill(piece: np.ndarray, b: int, span: slice) -> None:
+        np.subtract(rows[b, span], rows[b, span].mean(axis=1, keepdims=True), out=piece)
+        mean_square = np.einsum("ij,ij->i", piece, piece) / np.float32(x.shape[2])
+        piece *= (1 / np.sqrt(mean_square + np.float32(eps)))[:, None]
+        piece *= factors[b]
+        piece += offsets[b]
+
+    return _fill_rows(x.shape, fill).astype(x.dtype)
 
 
 def silu(x: mx.array) -> mx.array:
@@ -123,38 +151,130 @@ def silu_multiply(gate: mx.array, up: mx.array) -> mx.array:
     return _silu_rows(gate, up) if on_cpu() else nn.silu(gate) * up
 
 
-def _attention_task(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
-    """softmax(q·kᵀ·scale)·v of evaluated (B, h, s, D) slices, evaluated."""
-    scores = staged((q.astype(mx.float32) * scale) @ k.astype(mx.float32).swapaxes(-1, -2))
-    view = np.asarray(scores)  # the product's own (fresh, contiguous) buffer: written in place below
-    np.subtract(view, view.max(axis=-1, keepdims=True), out=view)
-    np.exp(view, out=view)
-    sums = view.sum(axis=-1, keepdims=True)
-    weights = scores if not view.flags.owndata else mx.array(view)  # a copy, were MLX ever to export one
-    return staged(((weights @ v.astype(mx.float32)) / mx.array(sums)).astype(v.dtype))
+def _attention_rows(q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.ndarray, scale: float) -> None:
+    """out = softmax(q·kᵀ·scale)·v for float32 (rows, D) numpy views, QUERY_BLOCK query rows at a time: their
+    scores (one reused buffer that stays in the core's cache) by the BLAS, their row max, exp and sums by numpy
+    in place, then the product with v, divided by the sums (one division per output value)."""
+    keys = k.shape[0]
+    rows = max(1, min(QUERY_BLOCK, q.shape[0], CHUNK_VALUES // max(1, keys)))
+    scores = np.empty((rows, keys), dtype=np.float32)
+    for start in range(0, q.shape[0], rows):
+        stop = min(start + rows, q.shape[0])
+        block = scores[: stop - start]
+        sgemm(q[start:stop], k, block, alpha=scale, transpose_b=True)
+        np.subtract(block, block.max(axis=-1, keepdims=True), out=block)
+        np.exp(block, out=block)
+        sums = np.einsum("ij->i", block)[:, None]  # a SIMD sum: 0.08 ns per value against 0.3 for ndarray.sum
+        sgemm(block, v, out[start:stop])
+        out[start:stop] /= sums
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
-    """Unmasked softmax(q·kᵀ·scale)·v on (B, H, S, D), computed as MLX's CPU fallback of
-    scaled_dot_product_attention does (scale q, matmul, float32 softmax, matmul), the softmax's max, exp and sums
-    by numpy; on the CPU one task per head, or per block of query rows where a head has more than CHUNK_VALUES
-    scores, on the worker threads."""
+    """Unmasked softmax(q·kᵀ·scale)·v on (B, H, S, D), in float32, returned in v's dtype. On the CPU
+    (`_attention_rows`) each head, split into as many ranges of query rows as it takes to give every worker
+    thread a task, is a task for the workers."""
     if not on_cpu():
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
-    mx.eval(q, k, v)  # the workers' streams cannot evaluate this thread's pending ops
-    batch, heads, queries = q.shape[:3]
-    rows = max(1, min(queries, CHUNK_VALUES // max(1, batch * k.shape[2])))
-    blocks = [(head, start) for head in range(heads) for start in range(0, queries, rows)]
-    parts = _run_tasks(
-        [
-            lambda h=h, r=r: _attention_task(q[:, h : h + 1, r : r + rows], k[:, h : h + 1], v[:, h : h + 1], scale)
-            for h, r in blocks
-        ]
-    )
-    per_head = -(-queries // rows)
-    by_head = [_joined(parts[i : i + per_head], axis=2) for i in range(0, len(parts), per_head)]
-    return _joined(by_head, axis=1)
+    batch, heads, queries, _ = q.shape
+    views = [np.asarray(staged(x.astype(mx.float32))) for x in (q, k, v)]
+    result = _float32_zeros((batch, heads, queries, v.shape[-1]))
+    out = np.asarray(result)
+    ranges = -(-_worker_count() // (batch * heads))
+    share = -(-queries // ranges)
+    tasks = [(b, h, start) for b in range(batch) for h in range(heads) for start in range(0, queries, share)]
+
+    def task(b: int, h: int, start: int) -> None:
+        rows = slice(start, start + share)
+        _attention_rows(views[0][b, h, rows], views[1][b, h], views[2][b, h], out[b, h, rows], scale)
+
+    _run_tasks([lambda t=t: task(*t) for t in tasks])
+    return result.astype(v.dtype)
 
 
-def _joined(arrays: list[mx.array], axis: int) -> mx.array:
-    return arrays[0] if len(arrays) == 1 else mx.concatenate(arrays, axis=axis)
+def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+    """diffusers apply_rotary_emb (use_real, unbind -1) on x (B, H, S, D) in float32, cast back to x's dtype."""
+    x32 = x.astype(mx.float32)
+    pairs = x32.reshape(*x.shape[:-1], -1, 2)
+    rotated = mx.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
+    return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+Normed = tuple[mx.array, mx.array]  # (B, S_i, H, D) projection, its RMSNorm weight (D,)
+
+
+def rope_attention(
+    queries: Sequence[Normed],
+    keys: Sequence[Normed],
+    values: Sequence[mx.array],
+    rope: tuple[mx.array, mx.array],
+    eps: float,
+) -> mx.array:
+    """Flux2's attention: softmax(q·kᵀ/√D)·v with q = RoPE(RMSNorm(query projection)), k likewise, where each
+    of queries, keys and values is (B, S_i, H, D) parts joined along the sequence in the order given (text, then
+    image), each query / key part with its own RMSNorm weight; rope is the (S, D) cos and sin. Returns
+    (B, S, H·D) in the values' dtype.
+
+    On the CPU each head is a task for the worker threads, all in float32 numpy (the inputs cast once): RMSNorm of
+    the head's rows into one (S, D) buffer, RoPE as one complex multiply in place (interleaved pairs (x₀, x₁)
+    rotated by (cos, sin) are the complex product (x₀ + i·x₁)(cos + i·sin)), then `_attention_rows` straight
+    into the head's columns of the output: MLX's CPU element-wise ops run on one thread at ~1–4 ns per value,
+    numpy's at a fraction of that. Elsewhere MLX's rms_norm, RoPE and scaled_dot_product_attention."""
+    dtype = values[0].dtype
+    heads, head_dim = values[0].shape[2:]
+    if not on_cpu():
+        q, k = ([mx.fast.rms_norm(x, weight, eps) for x, weight in parts] for parts in (queries, keys))
+        q, k, v = (mx.concatenate(parts, axis=1).transpose(0, 2, 1, 3) for parts in (q, k, values))
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=head_dim**-0.5).transpose(0, 2, 1, 3)
+        return out.reshape(*out.shape[:2], heads * head_dim)
+    cos, sin = (np.asarray(staged(x.astype(mx.float32))) for x in rope)
+    rotation = np.empty((cos.shape[0], head_dim // 2), dtype=np.complex64)
+    rotation.real, rotation.imag = cos[:, ::2], sin[:, ::2]
+    query_parts, key_parts = ([(_float32(x), _float32(w)) for x, w in parts] for parts in (queries, keys))
+    value_parts = [_float32(x) for x in values]
+    batch, length = value_parts[0].shape[0], sum(x.shape[1] for x in value_parts)
+    result = _float32_zeros((batch, length, heads, head_dim))
+    out = np.asarray(result)
+
+    def task(b: int, h: int) -> None:
+        q, k = (_normed_rope_rows(parts, b, h, rotation, eps) for parts in (query_parts, key_parts))
+        v = value_parts[0][b, :, h] if len(value_parts) == 1 else np.concatenate([x[b, :, h] for x in value_parts])
+        _attention_rows(q, k, v, out[b, :, h], head_dim**-0.5)
+
+    _run_tasks([lambda b=b, h=h: task(b, h) for b in range(batch) for h in range(heads)])
+    return result.reshape(batch, length, heads * head_dim).astype(dtype)
+
+
+def _float32(x: mx.array) -> np.ndarray:
+    """x in float32, evaluated, as a numpy view of MLX's buffer (strided as x is, where x is already float32)."""
+    return np.asarray(staged(x.astype(mx.float32)))
+
+
+def _normed_rope_rows(
+    parts: Sequence[tuple[np.ndarray, np.ndarray]], b: int, h: int, rotation: np.ndarray, eps: float
+) -> np.ndarray:
+    """RoPE(RMSNorm(rows)) of head h of batch b, the parts' rows joined, as a new contiguous float32 (S, D)."""
+    head_dim = parts[0][0].shape[-1]
+    out = np.empty((sum(x.shape[1] for x, _ in parts), head_dim), dtype=np.float32)
+    start = 0
+    for x, weight in parts:
+        rows = x[b, :, h]
+        piece = out[start : start + rows.shape[0]]
+        mean_square = np.einsum("ij,ij->i", rows, rows) / np.float32(head_dim)
+        np.multiply(rows, (1 / np.sqrt(mean_square + np.float32(eps)))[:, None], out=piece)
+        piece *= weight
+        start += rows.shape[0]
+    complex_view = out.view(np.complex64)
+    complex_view *= rotation
+    return out
+
+
+def _evaluated(arrays: tuple[mx.array, ...]) -> tuple[mx.array, ...]:
+    mx.eval(*arrays)
+    return arrays
+
+
+def _float32_zeros(shape: tuple[int, ...]) -> mx.array:
+    """An evaluated float32 MLX array of zeros whose buffer tasks then fill through `np.asarray` views (MLX reads
+    what is written there)."""
+    return staged(mx.zeros(shape, dtype=mx.float32))

@@ -19,8 +19,7 @@ import numpy as np
 
 from .blas import fit_blas_threads_to_machine
 from .cpu_layers import keep_dense_weights, use_dense_kernels
-from .cpu_math import attention as softmax_attention
-from .cpu_math import silu, silu_multiply
+from .cpu_math import layer_norm_modulate, rope_attention, silu, silu_multiply
 from .loading import apply_quantization, load_into, load_weights, read_json, to_dtype
 from .staging import staged
 
@@ -85,36 +84,10 @@ def rope_frequencies(ids: np.ndarray, axes_dim: tuple[int, ...], theta: float) -
     return mx.array(np.concatenate(cos_out, axis=-1)), mx.array(np.concatenate(sin_out, axis=-1))
 
 
-def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
-    """diffusers apply_rotary_emb (use_real, unbind -1) on x (B, H, S, D) in float32, cast back to x's dtype."""
-    x32 = x.astype(mx.float32)
-    pairs = x32.reshape(*x.shape[:-1], -1, 2)
-    rotated = mx.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
-    return (x32 * cos + rotated * sin).astype(x.dtype)
-
-
-def layer_norm(x: mx.array, eps: float) -> mx.array:
-    """LayerNorm without affine parameters (elementwise_affine=False)."""
-    return mx.fast.layer_norm(x, None, None, eps)
-
-
-@mx.compile
-def modulate(normed: mx.array, scale: mx.array, shift: mx.array) -> mx.array:
-    """(1 + scale)·normed + shift, fused into one pass by mx.compile (the same float ops, in the same order)."""
-    return (1 + scale) * normed + shift
-
-
 @mx.compile
 def gated_add(x: mx.array, gate: mx.array, y: mx.array) -> mx.array:
     """x + gate·y (a gated residual), fused into one pass."""
     return x + gate * y
-
-
-def attention(q: mx.array, k: mx.array, v: mx.array) -> mx.array:
-    """Full (unmasked) softmax attention on (B, H, S, D), scale 1/sqrt(D), returned as (B, S, H·D)."""
-    out = softmax_attention(q, k, v, scale=q.shape[-1] ** -0.5)
-    batch, heads, seq, dim = out.shape
-    return out.transpose(0, 2, 1, 3).reshape(batch, seq, heads * dim)
 
 
 def split_heads(x: mx.array, head_dim: int) -> mx.array:
@@ -204,19 +177,11 @@ class JointAttention(nn.Module):
 
     def __call__(self, x: mx.array, context: mx.array, rope: tuple[mx.array, mx.array]) -> tuple[mx.array, mx.array]:
         d = self.head_dim
-        q = self.norm_q(split_heads(self.to_q(x), d))
-        k = self.norm_k(split_heads(self.to_k(x), d))
-        v = split_heads(self.to_v(x), d)
-        cq = self.norm_added_q(split_heads(self.add_q_proj(context), d))
-        ck = self.norm_added_k(split_heads(self.add_k_proj(context), d))
-        cv = split_heads(self.add_v_proj(context), d)
-        # Text tokens first, then image tokens; (B, S, H, D) → (B, H, S, D).
-        q = mx.concatenate([cq, q], axis=1).transpose(0, 2, 1, 3)
-        k = mx.concatenate([ck, k], axis=1).transpose(0, 2, 1, 3)
-        v = mx.concatenate([cv, v], axis=1).transpose(0, 2, 1, 3)
-        q = apply_rope(q, *rope)
-        k = apply_rope(k, *rope)
-        out = attention(q, k, v)
+        q, k, v = (split_heads(layer(x), d) for layer in (self.to_q, self.to_k, self.to_v))
+        cq, ck, cv = (split_heads(layer(context), d) for layer in (self.add_q_proj, self.add_k_proj, self.add_v_proj))
+        queries = [(cq, self.norm_added_q.weight), (q, self.norm_q.weight)]  # text tokens first, then image tokens
+        keys = [(ck, self.norm_added_k.weight), (k, self.norm_k.weight)]
+        out = rope_attention(queries, keys, [cv, v], rope, self.eps)
         text_len = context.shape[1]
         return self.to_out[0](out[:, text_len:]), self.to_add_out(out[:, :text_len])
 
@@ -227,6 +192,7 @@ class ParallelSelfAttention(nn.Module):
     def __init__(self, dim: int, heads: int, head_dim: int, mlp_ratio: float, eps: float):
         super().__init__()
         self.head_dim = head_dim
+        self.eps = eps
         self.inner = heads * head_dim
         self.mlp_hidden = int(dim * mlp_ratio)
         self.to_qkv_mlp_proj = nn.Linear(dim, self.inner * 3 + self.mlp_hidden * 2, bias=False)
@@ -238,10 +204,8 @@ class ParallelSelfAttention(nn.Module):
         d = self.head_dim
         projected = self.to_qkv_mlp_proj(x)
         q, k, v, mlp = mx.split(projected, [self.inner, 2 * self.inner, 3 * self.inner], axis=-1)
-        q = self.norm_q(split_heads(q, d)).transpose(0, 2, 1, 3)
-        k = self.norm_k(split_heads(k, d)).transpose(0, 2, 1, 3)
-        v = split_heads(v, d).transpose(0, 2, 1, 3)
-        out = attention(apply_rope(q, *rope), apply_rope(k, *rope), v)
+        q, k, v = split_heads(q, d), split_heads(k, d), split_heads(v, d)
+        out = rope_attention([(q, self.norm_q.weight)], [(k, self.norm_k.weight)], [v], rope, self.eps)
         gate, up = mx.split(mlp, 2, axis=-1)
         return self.to_out(mx.concatenate([out, silu_multiply(gate, up)], axis=-1))
 
@@ -271,14 +235,14 @@ class TransformerBlock(nn.Module):
         (shift_msa, scale_msa, gate_msa), (shift_mlp, scale_mlp, gate_mlp) = mod_img
         (c_shift_msa, c_scale_msa, c_gate_msa), (c_shift_mlp, c_scale_mlp, c_gate_mlp) = mod_txt
         eps = self.eps
-        norm_x = modulate(layer_norm(x, eps), scale_msa, shift_msa)
-        norm_c = modulate(layer_norm(context, eps), c_scale_msa, c_shift_msa)
+        norm_x = layer_norm_modulate(x, scale_msa, shift_msa, eps)
+        norm_c = layer_norm_modulate(context, c_scale_msa, c_shift_msa, eps)
         attn_out, context_attn_out = self.attn(norm_x, norm_c, rope)
         x = gated_add(x, gate_msa, attn_out)
-        x = gated_add(x, gate_mlp, self.ff(modulate(layer_norm(x, eps), scale_mlp, shift_mlp)))
+        x = gated_add(x, gate_mlp, self.ff(layer_norm_modulate(x, scale_mlp, shift_mlp, eps)))
         context = gated_add(context, c_gate_msa, context_attn_out)
         context = gated_add(
-            context, c_gate_mlp, self.ff_context(modulate(layer_norm(context, eps), c_scale_mlp, c_shift_mlp))
+            context, c_gate_mlp, self.ff_context(layer_norm_modulate(context, c_scale_mlp, c_shift_mlp, eps))
         )
         return _clip_fp16(context), x
 
@@ -295,7 +259,7 @@ class SingleTransformerBlock(nn.Module):
         self, x: mx.array, mod: list[tuple[mx.array, mx.array, mx.array]], rope: tuple[mx.array, mx.array]
     ) -> mx.array:
         shift, scale, gate = mod[0]
-        norm_x = modulate(layer_norm(x, self.eps), scale, shift)
+        norm_x = layer_norm_modulate(x, scale, shift, self.eps)
         return _clip_fp16(gated_add(x, gate, self.attn(norm_x, rope)))
 
 
@@ -309,7 +273,7 @@ class AdaLayerNormContinuous(nn.Module):
 
     def __call__(self, x: mx.array, temb: mx.array) -> mx.array:
         scale, shift = mx.split(self.linear(silu(temb).astype(x.dtype)), 2, axis=1)
-        return modulate(layer_norm(x, self.eps), scale[:, None, :], shift[:, None, :])
+        return layer_norm_modulate(x, scale[:, None, :], shift[:, None, :], self.eps)
 
 
 class Flux2Transformer(nn.Module):
