@@ -196,6 +196,18 @@ def test_cpu_rope_attention_and_layer_norm_modulate_match_their_definitions(dtyp
     expected = (probabilities @ joined("cv", "v", False)).transpose(0, 2, 1, 3).reshape(got.shape)
     tolerance = 1e-5 if dtype == "float32" else 4e-3
     assert np.allclose(as64(got), expected, rtol=tolerance, atol=tolerance)
+    gate, up = (as_mx(rng.normal(size=(batch, text + image, 40))) for _ in range(2))
+    joined = cpu_math.attention_and_swiglu(
+        [(parts["cq"], weights["cq"]), (parts["q"], weights["q"])],
+        [(parts["ck"], weights["ck"]), (parts["k"], weights["k"])],
+        [parts["cv"], parts["v"]],
+        (mx.array(cos.astype(np.float32)), mx.array(sin.astype(np.float32))),
+        eps,
+        gate,
+        up,
+    )
+    expected_joined = mx.concatenate([got, cpu_math.silu_multiply(gate, up)], axis=-1)
+    assert np.array_equal(np.array(joined.astype(mx.float32)), np.array(expected_joined.astype(mx.float32)))
 
     x, scale, shift = (as_mx(rng.normal(size=shape) * 3) for shape in [(batch, 40, 24), (batch, 1, 24), (batch, 1, 24)])
     x64 = as64(x)

@@ -19,7 +19,7 @@ import numpy as np
 
 from .blas import fit_blas_threads_to_machine
 from .cpu_layers import keep_dense_weights, use_dense_kernels
-from .cpu_math import layer_norm_modulate, rope_attention, silu, silu_multiply
+from .cpu_math import attention_and_swiglu, layer_norm_modulate, rope_attention, silu, silu_multiply
 from .loading import apply_quantization, load_into, load_weights, read_json, to_dtype
 from .staging import staged
 
@@ -205,9 +205,9 @@ class ParallelSelfAttention(nn.Module):
         projected = self.to_qkv_mlp_proj(x)
         q, k, v, mlp = mx.split(projected, [self.inner, 2 * self.inner, 3 * self.inner], axis=-1)
         q, k, v = split_heads(q, d), split_heads(k, d), split_heads(v, d)
-        out = rope_attention([(q, self.norm_q.weight)], [(k, self.norm_k.weight)], [v], rope, self.eps)
         gate, up = mx.split(mlp, 2, axis=-1)
-        return self.to_out(mx.concatenate([out, silu_multiply(gate, up)], axis=-1))
+        queries, keys = [(q, self.norm_q.weight)], [(k, self.norm_k.weight)]
+        return self.to_out(attention_and_swiglu(queries, keys, [v], rope, self.eps, gate, up))
 
 
 def _clip_fp16(x: mx.array) -> mx.array:
