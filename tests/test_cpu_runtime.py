@@ -218,6 +218,35 @@ def test_cpu_rope_attention_and_layer_norm_modulate_match_their_definitions(dtyp
     assert np.allclose(as64(modulated), expected, rtol=tolerance, atol=10 * tolerance)
 
 
+def test_cpu_attention_skips_the_max_only_where_the_scores_are_bounded(monkeypatch):
+    """Softmax is shift-invariant: blocks of rows whose Cauchy–Schwarz bound keeps the base-2 scores within
+    SAFE_EXPONENT skip subtracting their max, others do not. Both ways give softmax's values, up to scores that
+    would overflow float32's exp without the max (here up to ~±100)."""
+    from bonsai_mlx import cpu_math
+
+    rng = np.random.default_rng(4)
+    q, k, v = (rng.normal(size=(1, 2, 64, 16)) for _ in range(3))
+
+    def expected(scale: float) -> np.ndarray:
+        scores = q @ k.swapaxes(-1, -2) * scale
+        weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
+        return weights / weights.sum(axis=-1, keepdims=True) @ v
+
+    as_mx = lambda a: mx.array(a.astype(np.float32))  # noqa: E731
+    subtracted = []
+    original = np.subtract
+    monkeypatch.setattr(cpu_math.np, "subtract", lambda *a, **kw: subtracted.append(1) or original(*a, **kw))
+    for scale, bounded in ((0.25, True), (8.0, False)):
+        subtracted.clear()
+        got = np.array(cpu_math.attention(as_mx(q), as_mx(k), as_mx(v), scale))
+        assert np.allclose(got, expected(scale), rtol=2e-5, atol=2e-5)
+        assert (not subtracted) == bounded
+        monkeypatch.setattr(cpu_math, "SAFE_EXPONENT", 0.0)  # always subtract: the same values
+        again = np.array(cpu_math.attention(as_mx(q), as_mx(k), as_mx(v), scale))
+        monkeypatch.setattr(cpu_math, "SAFE_EXPONENT", 64.0)
+        assert np.allclose(got, again, rtol=2e-5, atol=2e-5)
+
+
 def test_sgemm_on_strided_views_matches_numpy():
     """blas.sgemm (cblas_sgemm through ctypes) on a head's strided slice of a (S, H, D) array, into strided
     columns of an output, with alpha and a transposed operand; numpy does the same where the layout does not fit."""

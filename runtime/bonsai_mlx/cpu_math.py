@@ -37,6 +37,7 @@ from .blas import blas_threads, cpu_cores, set_blas_threads, sgemm
 from .staging import staged
 
 LOG2_E = 1.4426950408889634
+SAFE_EXPONENT = 64.0  # |base-2 scores| within which softmax needs no max subtracted
 QUERY_BLOCK = 256  # query rows whose attention scores are computed at once (by each worker)
 CHUNK_VALUES = 1 << 22  # attention scores held by a worker at most (16 MB in fp32): fewer rows for long keys
 ROW_CHUNK_VALUES = 1 << 18  # values per numpy piece of the element-wise functions (1 MB in fp32: L2-sized)
@@ -168,19 +169,27 @@ def layer_norm_modulate(x: mx.array, scale: mx.array, shift: mx.array, eps: floa
 
 def _attention_rows(q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.ndarray, scale: float) -> None:
     """out = softmax(q·kᵀ·scale)·v for float32 (rows, D) numpy views, QUERY_BLOCK query rows at a time: their
-    scores (one reused buffer that stays in the core's cache) by the BLAS, their row max, exp and sums by numpy
-    in place, then the product with v, divided by the sums (one division per output value). The scores are
-    taken times log2(e) (folded into the product's alpha) and exponentiated by exp2: numpy's float32 exp2 takes
-    0.34 ns per value against exp's 0.55, within 1.7 ulp of float64 against exp's 3.4."""
+    scores (one reused buffer that stays in the core's cache) by the BLAS, exponentiated and summed by numpy in
+    place, then the product with v, divided by the sums (one division per output value).
+
+    The scores are taken times log2(e) (folded into the product's alpha) and exponentiated by exp2: numpy's float32
+    exp2 takes 0.34 ns per value against exp's 0.55, within 1.7 ulp of float64 against exp's 3.4. Softmax does not
+    change when a row's scores are shifted; the rows' maxima are subtracted only where the scores could leave
+    float32's range otherwise: |q_i·k_j| ≤ ‖q_i‖·max_j ‖k_j‖ (Cauchy–Schwarz) bounds them, and a block whose bound
+    stays within SAFE_EXPONENT (2^±64 after exp2) skips the max and the subtraction (0.3 of the 0.7 ns per score)."""
     keys = k.shape[0]
     rows = max(1, min(QUERY_BLOCK, q.shape[0], CHUNK_VALUES // max(1, keys)))
     scores = np.empty((rows, keys), dtype=np.float32)
+    alpha = scale * LOG2_E  # scores in base-2 units
+    key_norm = float(np.sqrt(np.einsum("ij,ij->i", k, k).max()))  # float32: a bound with 2^64 of headroom
     for start in range(0, q.shape[0], rows):
         stop = min(start + rows, q.shape[0])
         block = scores[: stop - start]
-        sgemm(q[start:stop], k, block, alpha=scale * LOG2_E, transpose_b=True)  # scores in base-2 units
-        np.subtract(block, block.max(axis=-1, keepdims=True), out=block)
-        np.exp2(block, out=block)  # = exp of the scores less their max
+        sgemm(q[start:stop], k, block, alpha=alpha, transpose_b=True)
+        query_norms = np.sqrt(np.einsum("ij,ij->i", q[start:stop], q[start:stop]))
+        if not float(query_norms.max()) * key_norm * abs(alpha) <= SAFE_EXPONENT:
+            np.subtract(block, block.max(axis=-1, keepdims=True), out=block)
+        np.exp2(block, out=block)  # = exp of the scores (less their max)
         sums = np.einsum("ij->i", block)[:, None]  # a SIMD sum: 0.08 ns per value against 0.3 for ndarray.sum
         sgemm(block, v, out[start:stop])
         out[start:stop] /= sums
@@ -231,11 +240,10 @@ def rope_attention(
     image), each query / key part with its own RMSNorm weight; rope is the (S, D) cos and sin. Returns
     (B, S, H·D) in the values' dtype.
 
-    On the CPU each head is a task for the worker threads, all in float32 numpy (the inputs cast once): RMSNorm of
-    the head's rows into one (S, D) buffer, RoPE as one complex multiply in place (interleaved pairs (x₀, x₁)
-    rotated by (cos, sin) are the complex product (x₀ + i·x₁)(cos + i·sin)), then `_attention_rows` straight
-    into the head's columns of the output: MLX's CPU element-wise ops run on one thread at ~1–4 ns per value,
-    numpy's at a fraction of that. Elsewhere MLX's rms_norm, RoPE and scaled_dot_product_attention."""
+    On the CPU, all in float32 numpy (the inputs cast once): RMSNorm and RoPE of every head at once
+    (`_normed_rope`, pieces of rows on the workers), then each head is a task for the workers, `_attention_rows`
+    straight into the head's columns of the output. MLX's CPU element-wise ops run on one thread at ~1–4 ns per
+    value, numpy's at a fraction of that. Elsewhere MLX's rms_norm, RoPE and scaled_dot_product_attention."""
     dtype = values[0].dtype
     heads, head_dim = values[0].shape[2:]
     if not on_cpu():
@@ -286,14 +294,13 @@ def _rope_attention_rows(
     cos, sin = (np.asarray(staged(x.astype(mx.float32))) for x in rope)
     rotation = np.empty((cos.shape[0], head_dim // 2), dtype=np.complex64)
     rotation.real, rotation.imag = cos[:, ::2], sin[:, ::2]
-    query_parts, key_parts = ([(_float32(x), _float32(w)) for x, w in parts] for parts in (queries, keys))
+    q, k = (_normed_rope(parts, rotation, eps) for parts in (queries, keys))  # (B, S, H, D) float32
     value_parts = [_float32(x) for x in values]
     by_head = out.reshape(*out.shape[:2], heads, head_dim)  # a view: the columns of each head
 
     def task(b: int, h: int) -> None:
-        q, k = (_normed_rope_rows(parts, b, h, rotation, eps) for parts in (query_parts, key_parts))
         v = value_parts[0][b, :, h] if len(value_parts) == 1 else np.concatenate([x[b, :, h] for x in value_parts])
-        _attention_rows(q, k, v, by_head[b, :, h], head_dim**-0.5)
+        _attention_rows(q[b, :, h], k[b, :, h], v, by_head[b, :, h], head_dim**-0.5)
 
     _run_tasks([lambda b=b, h=h: task(b, h) for b in range(out.shape[0]) for h in range(heads)])
 
@@ -303,28 +310,30 @@ def _float32(x: mx.array) -> np.ndarray:
     return np.asarray(staged(x.astype(mx.float32)))
 
 
-def _normed_rope_rows(
-    parts: Sequence[tuple[np.ndarray, np.ndarray]], b: int, h: int, rotation: np.ndarray, eps: float
-) -> np.ndarray:
-    """RoPE(RMSNorm(rows)) of head h of batch b, the parts' rows joined, as a new contiguous float32 (S, D)."""
-    head_dim = parts[0][0].shape[-1]
-    out = np.empty((sum(x.shape[1] for x, _ in parts), head_dim), dtype=np.float32)
-    start = 0
-    for x, weight in parts:
-        rows = x[b, :, h]
-        piece = out[start : start + rows.shape[0]]
-        mean_square = np.einsum("ij,ij->i", rows, rows) / np.float32(head_dim)
-        np.multiply(rows, (1 / np.sqrt(mean_square + np.float32(eps)))[:, None], out=piece)
-        piece *= weight
-        start += rows.shape[0]
-    complex_view = out.view(np.complex64)
-    complex_view *= rotation
+def _normed_rope(parts: Sequence[Normed], rotation: np.ndarray, eps: float) -> np.ndarray:
+    """RoPE(RMSNorm(x)) of (B, S_i, H, D) parts joined along the sequence, as a new float32 (B, S, H, D) numpy
+    array: every head at once, in pieces of rows on the workers; RoPE as one complex multiply in place
+    (interleaved pairs (x₀, x₁) rotated by (cos, sin) are the complex product (x₀ + i·x₁)(cos + i·sin))."""
+    arrays = [(_float32(x), _float32(weight)) for x, weight in parts]
+    batch, _, heads, head_dim = arrays[0][0].shape
+    starts = np.cumsum([0] + [x.shape[1] for x, _ in arrays]).tolist()
+    out = np.empty((batch, starts[-1], heads, head_dim), dtype=np.float32)
+
+    def fill(piece: np.ndarray, b: int, rows: slice) -> None:
+        piece = piece.reshape(-1, heads, head_dim)
+        for (x, weight), start, stop in zip(arrays, starts, starts[1:], strict=False):
+            first, last = max(rows.start, start), min(rows.stop, stop)
+            if first >= last:
+                continue
+            source, target = x[b, first - start : last - start], piece[first - rows.start : last - rows.start]
+            mean_square = np.einsum("shd,shd->sh", source, source) / np.float32(head_dim)
+            np.multiply(source, (1 / np.sqrt(mean_square + np.float32(eps)))[..., None], out=target)
+            target *= weight
+        complex_view = piece.view(np.complex64)
+        complex_view *= rotation[rows, None, :]
+
+    _fill_rows(out.reshape(batch, starts[-1], heads * head_dim), fill)
     return out
-
-
-def _evaluated(arrays: tuple[mx.array, ...]) -> tuple[mx.array, ...]:
-    mx.eval(*arrays)
-    return arrays
 
 
 def _float32_zeros(shape: tuple[int, ...]) -> mx.array:
