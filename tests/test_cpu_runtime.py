@@ -174,13 +174,14 @@ def test_cpu_rope_attention_and_layer_norm_modulate_match_their_definitions(dtyp
     weights = {name: as_mx(rng.uniform(0.5, 1.5, size=dim)) for name in ("cq", "q", "ck", "k")}
     angles = rng.uniform(-3, 3, size=(text + image, dim // 2))
     cos, sin = (np.repeat(f(angles), 2, axis=1) for f in (np.cos, np.sin))
-    got = cpu_math.rope_attention(
+    inputs = (
         [(parts["cq"], weights["cq"]), (parts["q"], weights["q"])],
         [(parts["ck"], weights["ck"]), (parts["k"], weights["k"])],
         [parts["cv"], parts["v"]],
         (mx.array(cos.astype(np.float32)), mx.array(sin.astype(np.float32))),
         eps,
     )
+    got = cpu_math.rope_attention(*inputs)
     assert got.dtype == getattr(mx, dtype) and got.shape == (batch, text + image, heads * dim)
 
     def joined(a: str, b: str, norm: bool) -> np.ndarray:
@@ -197,17 +198,9 @@ def test_cpu_rope_attention_and_layer_norm_modulate_match_their_definitions(dtyp
     tolerance = 1e-5 if dtype == "float32" else 4e-3
     assert np.allclose(as64(got), expected, rtol=tolerance, atol=tolerance)
     gate, up = (as_mx(rng.normal(size=(batch, text + image, 40))) for _ in range(2))
-    joined = cpu_math.attention_and_swiglu(
-        [(parts["cq"], weights["cq"]), (parts["q"], weights["q"])],
-        [(parts["ck"], weights["ck"]), (parts["k"], weights["k"])],
-        [parts["cv"], parts["v"]],
-        (mx.array(cos.astype(np.float32)), mx.array(sin.astype(np.float32))),
-        eps,
-        gate,
-        up,
-    )
-    expected_joined = mx.concatenate([got, cpu_math.silu_multiply(gate, up)], axis=-1)
-    assert np.array_equal(np.array(joined.astype(mx.float32)), np.array(expected_joined.astype(mx.float32)))
+    both = cpu_math.attention_and_swiglu(*inputs, gate, up)
+    concatenated = mx.concatenate([got, cpu_math.silu_multiply(gate, up)], axis=-1)
+    assert np.array_equal(np.array(both.astype(mx.float32)), np.array(concatenated.astype(mx.float32)))
 
     x, scale, shift = (as_mx(rng.normal(size=shape) * 3) for shape in [(batch, 40, 24), (batch, 1, 24), (batch, 1, 24)])
     x64 = as64(x)

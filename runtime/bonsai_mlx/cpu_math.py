@@ -11,9 +11,10 @@ that writes through such a view are what MLX then reads), so on the CPU device:
 - `attention` and `rope_attention` give each head (and, where heads are fewer than workers, each range of its
   query rows) to one worker thread per core, with the BLAS on one thread meanwhile. A worker computes
   QUERY_BLOCK query rows' scores at a time into one reused buffer by `cblas_sgemm` (ctypes; the GIL released),
-  subtracts each row's max and takes the exp in place and sums the rows with numpy, multiplies by v (sgemm again)
-  straight into the head's columns of the output, and divides by the sums (one division per output value).
-  `rope_attention` first applies Flux2's per-head RMSNorm and RoPE to the head's rows in numpy.
+  exponentiates them in place (exp2, each row's max subtracted where the scores could leave float32's range) and
+  sums the rows with numpy, multiplies by v (sgemm again) straight into the head's columns of the output, and
+  divides by the sums (one division per output value). `rope_attention` first applies Flux2's RMSNorm and RoPE
+  to the queries and keys of every head at once in numpy.
 - `silu`, `silu_multiply` and `layer_norm_modulate` run numpy's ufuncs over ROW_CHUNK_VALUES-sized pieces of rows
   (cache-sized, no input-sized temporaries), the pieces shared among the same workers.
 
@@ -49,8 +50,7 @@ def on_cpu() -> bool:
 
 def _float32_view(x: mx.array) -> np.ndarray:
     """x in float32, evaluated, as a numpy view of MLX's buffer (rows × last axis; no copy for contiguous rows)."""
-    x32 = staged(x.astype(mx.float32))
-    return np.asarray(x32).reshape(-1, x.shape[-1]) if x.ndim else np.asarray(x32).reshape(1, 1)
+    return _float32(x).reshape(-1, x.shape[-1]) if x.ndim else _float32(x).reshape(1, 1)
 
 
 _workers: dict[str, ThreadPoolExecutor] = {}
@@ -202,19 +202,19 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
     if not on_cpu():
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
     batch, heads, queries, _ = q.shape
-    views = [np.asarray(staged(x.astype(mx.float32))) for x in (q, k, v)]
-    result = _float32_zeros((batch, heads, queries, v.shape[-1]))
-    out = np.asarray(result)
+    views = [_float32(x) for x in (q, k, v)]
     ranges = -(-_worker_count() // (batch * heads))
     share = -(-queries // ranges)
     tasks = [(b, h, start) for b in range(batch) for h in range(heads) for start in range(0, queries, share)]
 
-    def task(b: int, h: int, start: int) -> None:
-        rows = slice(start, start + share)
-        _attention_rows(views[0][b, h, rows], views[1][b, h], views[2][b, h], out[b, h, rows], scale)
+    def fill(out: np.ndarray) -> None:
+        def task(b: int, h: int, start: int) -> None:
+            rows = slice(start, start + share)
+            _attention_rows(views[0][b, h, rows], views[1][b, h], views[2][b, h], out[b, h, rows], scale)
 
-    _run_tasks([lambda t=t: task(*t) for t in tasks])
-    return result.astype(v.dtype)
+        _run_tasks([lambda t=t: task(*t) for t in tasks])
+
+    return _filled((batch, heads, queries, v.shape[-1]), fill, v.dtype)
 
 
 def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
